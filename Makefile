@@ -1,0 +1,37 @@
+# `make demo` and `make test` each set up .venv by themselves on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Linux x86_64: this torch/torchvision pair installs together everywhere (CUDA builds that also
+# run on CPU). Elsewhere (macOS, aarch64) `pip install -e .` picks the platform's normal wheels.
+ifeq ($(shell uname -sm),Linux x86_64)
+TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
+endif
+
+.PHONY: install demo test lint bench clean
+
+$(BIN)/bbox-sft: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(if $(TORCH_PAIR),$(BIN)/pip install --quiet $(TORCH_PAIR))
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(BIN)/bbox-sft
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check bbox_sft tests bench
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/bbox-sft synth --output_dir data/demo_synth --n 400 --seed 0
+	HF_HUB_OFFLINE=1 $(BIN)/bbox-sft prepare --data_dir data/demo_synth --output_dir data/demo \
+		--train_size 300 --val_size 50 --test_size 50 --visualize
+
+bench: install
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/prepare.py
+
+clean:
+	rm -rf outputs data

@@ -1,0 +1,108 @@
+"""What the model is asked and how it answers: the one place training, evaluation and prediction share.
+
+Two answer formats:
+
+- ``json`` (default): ``{"x_min": 0.13, "y_min": 0.22, "x_max": 0.54, "y_max": 0.78}``, normalised
+  to [0, 1] with :data:`DECIMALS` decimals;
+- ``qwen``: Qwen-VL's native grounding format ``{"bbox_2d": [130, 220, 540, 780]}`` on a 0-1000
+  integer grid, which the pretrained model already speaks, so fine-tuning may converge faster.
+
+:func:`parse_answer` reads either back from model output and never raises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Literal
+
+from .boxes import Box
+
+AnswerFormat = Literal["json", "qwen"]
+ANSWER_FORMATS: tuple[str, ...] = ("json", "qwen")
+INSTRUCTION = "Find the main subject and output a JSON bounding box."
+DECIMALS = 2
+QWEN_GRID = 1000
+JSON_KEYS = ("x_min", "y_min", "x_max", "y_max")
+QWEN_KEY = "bbox_2d"
+
+
+def format_answer(box: tuple[float, float, float, float], answer_format: AnswerFormat = "json") -> str:
+    """The exact answer text the model is trained to write for ``box``."""
+    if answer_format == "json":
+        values = ", ".join(f'"{key}": {value:.{DECIMALS}f}' for key, value in zip(JSON_KEYS, box))
+        return "{" + values + "}"
+    if answer_format == "qwen":
+        grid = ", ".join(str(int(round(value * QWEN_GRID))) for value in box)
+        return '{"' + QWEN_KEY + '": [' + grid + "]}"
+    raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
+
+
+def quantize(box: tuple[float, float, float, float], answer_format: AnswerFormat = "json") -> Box:
+    """The box as the answer text can express it (what ``parse_answer(format_answer(box))`` gives)."""
+    parsed = parse_answer(format_answer(box, answer_format))
+    assert parsed is not None, "format_answer wrote an answer parse_answer cannot read"
+    return parsed
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _box_from_object(obj: Any) -> Box | None:
+    if not isinstance(obj, dict):
+        return None
+    if all(key in obj for key in JSON_KEYS):
+        values = [_number(obj[key]) for key in JSON_KEYS]
+        scale = 1.0
+    elif isinstance(obj.get(QWEN_KEY), list) and len(obj[QWEN_KEY]) == 4:
+        values = [_number(v) for v in obj[QWEN_KEY]]
+        scale = float(QWEN_GRID)
+    else:
+        return None
+    if any(v is None for v in values):
+        return None
+    x0, y0, x1, y1 = (min(1.0, max(0.0, v / scale)) for v in values)  # type: ignore[operator]
+    return Box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def parse_answer(text: str) -> Box | None:
+    """The box in model output, or ``None``; never raises.
+
+    Takes the first JSON object in ``text`` that holds a box in either answer format, so code
+    fences, surrounding prose, key order and a list around the object do not matter. Values are
+    clamped to [0, 1] and swapped corners put in order; NaN, infinities, non-numbers and missing
+    keys give ``None``.
+    """
+    if not isinstance(text, str):
+        return None
+    decoder = json.JSONDecoder()
+    start = text.find("{")
+    while start != -1:
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+        except ValueError:
+            obj = None
+        box = _box_from_object(obj)
+        if box is not None:
+            return box
+        start = text.find("{", start + 1)
+    return None
+
+
+def prompt_messages(instruction: str = INSTRUCTION) -> list[dict[str, Any]]:
+    """The user turn: one image placeholder, then the instruction (TRL's vision prompt format)."""
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "text": None}, {"type": "text", "text": instruction}],
+        }
+    ]
+
+
+def completion_messages(answer: str) -> list[dict[str, Any]]:
+    """The assistant turn holding the answer text."""
+    return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]

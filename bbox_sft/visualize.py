@@ -1,0 +1,56 @@
+"""Pictures a person would rather look at than read: boxes drawn on images, grids of them, curves."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageDraw
+
+GREEN = (40, 200, 60)
+RED = (230, 40, 40)
+
+
+def draw_boxes(
+    image: Image.Image,
+    boxes: Sequence[tuple[tuple[float, ...] | None, tuple[int, int, int]]],
+    width: int = 3,
+    caption: str | None = None,
+) -> Image.Image:
+    """A copy of ``image`` with each normalised ``(box, colour)`` drawn; ``None`` boxes are left out."""
+    image = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(image)
+    w, h = image.size
+    for box, colour in boxes:
+        if box is not None:
+            draw.rectangle([box[0] * w, box[1] * h, box[2] * w - 1, box[3] * h - 1], outline=colour, width=width)
+    if caption:
+        draw.rectangle([0, 0, 8 * len(caption) + 6, 14], fill=(0, 0, 0))
+        draw.text((3, 1), caption, fill=(255, 255, 255))
+    return image
+
+
+def image_grid(images: Sequence[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:
+    """Images fitted into ``cell``-pixel squares, ``columns`` to a row."""
+    rows = max(1, math.ceil(len(images) / columns))
+    grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
+    for i, image in enumerate(images):
+        thumb = image.copy()
+        thumb.thumbnail((cell - 4, cell - 4))
+        x, y = (i % columns) * cell, (i // columns) * cell
+        grid.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
+    return grid
+
+
+def save_box_grid(
+    items: Sequence[tuple[Image.Image, tuple[float, ...] | None, tuple[float, ...] | None, str | None]],
+    path: str | Path,
+    columns: int = 4,
+) -> Path:
+    """Grid of ``(image, ground truth, prediction, caption)``: truth in green, prediction in red."""
+    drawn = [draw_boxes(img, [(truth, GREEN), (pred, RED)], caption=cap) for img, truth, pred, cap in items]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(drawn, columns=columns).save(path)
+    return path
