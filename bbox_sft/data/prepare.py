@@ -1,0 +1,97 @@
+"""``bbox-sft prepare``: build the dataset with the builder, save it, report, draw and push."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+
+from ..hub import dataset_card, push_or_explain
+from ..visualize import GREEN, draw_boxes, image_grid
+from .builder import DUTS_CITATION, FEATURES, SaliencyBoxes, summary_line
+from .splits import SPLITS
+
+logger = logging.getLogger(__name__)
+REPORT_NAME = "build_report.json"
+
+
+@dataclass
+class PrepareArguments:
+    """Arguments of ``bbox-sft prepare``."""
+
+    data_dir: str = field(metadata={"help": "Folder with DUTS archives/folders or images/ + masks/."})
+    output_dir: str = field(metadata={"help": "Where the DatasetDict is saved (load_from_disk reads it)."})
+    train_size: int = field(default=2000, metadata={"help": "Images in the train split (at most)."})
+    val_size: int = field(default=500, metadata={"help": "Images in the validation split (at most)."})
+    test_size: int = field(default=500, metadata={"help": "Images in the test split (at most)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the split hash."})
+    box_mode: str = field(default="largest", metadata={"help": "largest | union | components"})
+    threshold: int = field(default=128, metadata={"help": "Mask value from which a pixel is foreground."})
+    min_fraction: float = field(default=0.25, metadata={"help": "components mode: least area vs the largest."})
+    answer_format: str = field(default="json", metadata={"help": "json | qwen"})
+    num_proc: int = field(default=1, metadata={"help": "Processes that read masks and write records."})
+    visualize: bool = field(default=False, metadata={"help": "Write a PNG grid of images with their boxes."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo id to push to."})
+
+
+def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
+    """Build, save to ``args.output_dir`` with its report and card, then draw and push if asked."""
+    output_dir = Path(args.output_dir)
+    # a fresh cache each time: the builder's cache key does not see files added to data_dir
+    with tempfile.TemporaryDirectory(prefix="bbox_sft_build_") as cache_dir:
+        builder = SaliencyBoxes(
+            cache_dir=cache_dir,
+            data_dir=str(Path(args.data_dir).resolve()),
+            box_mode=args.box_mode,
+            threshold=args.threshold,
+            min_fraction=args.min_fraction,
+            answer_format=args.answer_format,
+            train_size=args.train_size,
+            val_size=args.val_size,
+            test_size=args.test_size,
+            seed=args.seed,
+            num_proc=args.num_proc,
+        )
+        builder.download_and_prepare(num_proc=args.num_proc if args.num_proc > 1 else None)
+        dataset = builder.as_dataset()
+        for split in SPLITS:
+            if split not in dataset:
+                logger.warning("split %r is empty: too few usable images for the requested sizes", split)
+                dataset[split] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+        dataset = datasets.DatasetDict({split: dataset[split] for split in SPLITS})
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        dataset.save_to_disk(str(output_dir))
+    report = builder.report
+    (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
+    (output_dir / "README.md").write_text(dataset_card(report, DUTS_CITATION))
+    logger.info(summary_line(report))
+    logger.info("saved to %s (report: %s)", output_dir, output_dir / REPORT_NAME)
+    if args.visualize:
+        logger.info("preview: %s", save_dataset_grid(dataset["train"], output_dir / "preview.png"))
+    if args.push_to_hub:
+        push_dataset(dataset, args.push_to_hub, output_dir)
+    return dataset
+
+
+def save_dataset_grid(split: datasets.Dataset, path: Path, n: int = 16) -> Path:
+    """PNG grid of the first ``n`` images with their boxes (green)."""
+    rows = split.select(range(min(n, len(split))))
+    images = [draw_boxes(r["image"], [(r["box"], GREEN)], caption=r["image_id"][-12:]) for r in rows]
+    image_grid(images).save(path)
+    return path
+
+
+def push_dataset(dataset: datasets.DatasetDict, repo_id: str, local_dir: Path) -> None:
+    """Push the records, then the card; offline, fail with a message saying the local copy is safe."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard((local_dir / "README.md").read_text())
+    push_or_explain(lambda: dataset.push_to_hub(repo_id), repo_id, local_dir)
+    push_or_explain(lambda: card.push_to_hub(repo_id), repo_id, local_dir)
+    logger.info("pushed %s to the Hub as %s", local_dir, repo_id)
