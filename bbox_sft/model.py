@@ -10,7 +10,6 @@ Qwen2/3-VL image processors.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +172,3 @@ def describe_trainable(model: torch.nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)"
 
-
-def ceil_to(value: int, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)

@@ -95,3 +95,39 @@ def push_dataset(dataset: datasets.DatasetDict, repo_id: str, local_dir: Path) -
     push_or_explain(lambda: dataset.push_to_hub(repo_id), repo_id, local_dir)
     push_or_explain(lambda: card.push_to_hub(repo_id), repo_id, local_dir)
     logger.info("pushed %s to the Hub as %s", local_dir, repo_id)
+
+
+def load_or_build_dataset(
+    dataset_name: str,
+    data_dir: str | None = None,
+    synthetic_images: int = 0,
+    synthetic_domain: str = "plain",
+    synthetic_seed: int = 0,
+    **build_kwargs,
+) -> datasets.DatasetDict:
+    """The training data: a prepared folder, built first from ``data_dir`` if missing, or a Hub dataset.
+
+    With ``synthetic_images``, a missing ``data_dir`` is filled with a synthetic set first, so a
+    recipe on the embedded default runs on a fresh clone by itself.
+    """
+    path = Path(dataset_name)
+    if (path / "dataset_dict.json").is_file():
+        return datasets.load_from_disk(str(path))
+    if data_dir is not None:
+        if not Path(data_dir).exists() and synthetic_images > 0:
+            from .synthetic import write_synthetic_set
+
+            write_synthetic_set(data_dir, n=synthetic_images, seed=synthetic_seed, domain=synthetic_domain)
+        if not Path(data_dir).exists():
+            raise FileNotFoundError(f"data_dir {data_dir} does not exist (needed to build {dataset_name})")
+        return prepare_dataset(PrepareArguments(data_dir=data_dir, output_dir=dataset_name, **build_kwargs))
+    if path.exists():
+        raise FileNotFoundError(f"{dataset_name} is not a prepared dataset (no dataset_dict.json in it)")
+    try:
+        return datasets.load_dataset(dataset_name)
+    except Exception as error:
+        raise FileNotFoundError(
+            f"dataset {dataset_name!r} not found: no such local folder, and the Hub could not give it "
+            f"({type(error).__name__}). Build it with `bbox-sft prepare --data_dir D --output_dir {dataset_name}` "
+            "or set data_dir in the recipe."
+        ) from error

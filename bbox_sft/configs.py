@@ -1,0 +1,45 @@
+"""The recipe fields of ours; everything else in a recipe is TRL's ``SFTConfig`` or ``ModelConfig``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import ScriptArguments
+
+
+@dataclass
+class BoxScriptArguments(ScriptArguments):
+    """Data, answer format, pixel budget and freezing for box fine-tuning.
+
+    ``dataset_name`` is a prepared dataset folder (``bbox-sft prepare`` output) or a Hub dataset id.
+    With ``data_dir``, a missing ``dataset_name`` folder is built from that images + masks folder first.
+    """
+
+    dataset_test_split: str = field(default="validation", metadata={"help": "Split evaluated during training."})
+    data_dir: str | None = field(
+        default=None, metadata={"help": "Images + masks (DUTS layout or images/ + masks/) to build dataset_name from."}
+    )
+    synthetic_images: int = field(
+        default=0, metadata={"help": "If > 0 and data_dir is missing, write this many synthetic images there first."}
+    )
+    synthetic_domain: str = field(default="plain", metadata={"help": "plain | cluttered (synthetic sets only)."})
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic set."})
+    train_size: int = field(default=2000, metadata={"help": "Train images when building the dataset."})
+    val_size: int = field(default=500, metadata={"help": "Validation images when building the dataset."})
+    test_size: int = field(default=500, metadata={"help": "Test images when building the dataset."})
+    box_mode: str = field(default="largest", metadata={"help": "largest | union | components"})
+    answer_format: str = field(default="json", metadata={"help": "json | qwen (Qwen-VL's bbox_2d on a 0-1000 grid)."})
+    image_min_side: int = field(default=320, metadata={"help": "Pixel budget: images hold at least this side² pixels."})
+    image_max_side: int = field(default=448, metadata={"help": "Pixel budget: images hold at most this side² pixels."})
+    train_vision_tower: bool = field(
+        default=False, metadata={"help": "Train the vision tower (LoRA on its blocks, or fully without peft)."}
+    )
+    train_merger: bool = field(
+        default=False, metadata={"help": "Train the vision-language merger (projector) fully."}
+    )
+    build_tiny_model: bool = field(
+        default=False,
+        metadata={"help": "If model_name_or_path is a missing local folder, build a tiny random Qwen3-VL there."},
+    )
+    tiny_hidden_size: int = field(default=256, metadata={"help": "Hidden size of a tiny model built here."})
+    tiny_layers: int = field(default=4, metadata={"help": "Decoder layers of a tiny model built here."})

@@ -1,0 +1,207 @@
+"""Fine-tune Qwen3-VL with LoRA (or QLoRA, or fully) to answer with the JSON box of an image's main subject.
+
+Usage:
+
+    # one GPU, Apple silicon or CPU
+    accelerate launch bbox_sft/train.py recipes/qwen3vl_lora.yaml
+
+    # several GPUs (DDP); FSDP and DeepSpeed configs sit beside it
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml bbox_sft/train.py recipes/qwen3vl_lora.yaml
+
+    # the tiny model on a synthetic set, on CPU, in minutes; any field can be overridden
+    accelerate launch --cpu bbox_sft/train.py recipes/tiny_cpu.yaml --max_steps 20
+
+The recipe is a YAML file of ``BoxScriptArguments``, ``SFTConfig`` and ``ModelConfig`` fields,
+given as the first argument or with ``--config``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import datasets
+import torch
+import transformers
+from transformers.trainer_utils import get_last_checkpoint
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
+
+from bbox_sft.collator import BoxSFTCollator
+from bbox_sft.configs import BoxScriptArguments
+from bbox_sft.data.prepare import load_or_build_dataset
+from bbox_sft.model import (
+    describe_trainable,
+    detect_device,
+    load_model,
+    load_processor,
+    lora_config,
+    quantization_config,
+    set_trainable,
+)
+from bbox_sft.task import completion_messages, format_answer
+
+logger = logging.getLogger("bbox_sft.train")
+
+
+def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+    ################
+    # Logging
+    ################
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    for name in ("bbox_sft", "bbox_sft.train"):
+        logging.getLogger(name).setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+    ################
+    # Device and precision: derived from the hardware, checked before anything is written
+    ################
+    setup = detect_device()
+    quantization_config(model_args.load_in_4bit, setup.dtype, setup.device)  # refuses QLoRA off CUDA
+    if model_args.dtype not in (None, "auto"):
+        setup = type(setup)(setup.device, getattr(torch, model_args.dtype), setup.attn_implementation)
+    logger.info("device %s, dtype %s, attention %s", setup.device, setup.dtype, setup.attn_implementation)
+
+    ################
+    # Last checkpoint
+    ################
+    if training_args.resume_from_checkpoint in ("true", "True", "last"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise FileNotFoundError(f"resume_from_checkpoint: no checkpoint in {training_args.output_dir}")
+        training_args.resume_from_checkpoint = last
+    if training_args.resume_from_checkpoint:
+        logger.info("resuming from %s", training_args.resume_from_checkpoint)
+
+    ################
+    # Model and processor (a tiny random Qwen3-VL is built first where the recipe asks for it)
+    ################
+    model_path = model_args.model_name_or_path
+    if script_args.build_tiny_model and not Path(model_path).exists():
+        with training_args.main_process_first(desc="building the tiny model"):
+            if not Path(model_path).exists():
+                from bbox_sft.testing import save_tiny_model
+
+                save_tiny_model(model_path, script_args.tiny_hidden_size, script_args.tiny_layers, training_args.seed)
+    processor = load_processor(
+        model_path, script_args.image_min_side, script_args.image_max_side, revision=model_args.model_revision
+    )
+    model = load_model(
+        model_path,
+        setup,
+        load_in_4bit=model_args.load_in_4bit,
+        attn_implementation=model_args.attn_implementation,
+        revision=model_args.model_revision,
+    )
+    peft_config = None
+    if model_args.use_peft:
+        peft_config = lora_config(
+            r=model_args.lora_r,
+            alpha=model_args.lora_alpha,
+            dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            train_vision_tower=script_args.train_vision_tower,
+            train_merger=script_args.train_merger,
+            use_rslora=model_args.use_rslora,
+            use_dora=model_args.use_dora,
+        )
+    else:
+        set_trainable(model, script_args.train_vision_tower, script_args.train_merger)
+
+    ################
+    # Dataset (built by the main process first where the recipe points at images + masks)
+    ################
+    with training_args.main_process_first(desc="loading the dataset"):
+        dataset = load_or_build_dataset(
+            script_args.dataset_name,
+            data_dir=script_args.data_dir,
+            synthetic_images=script_args.synthetic_images,
+            synthetic_domain=script_args.synthetic_domain,
+            synthetic_seed=script_args.synthetic_seed,
+            train_size=script_args.train_size,
+            val_size=script_args.val_size,
+            test_size=script_args.test_size,
+            box_mode=script_args.box_mode,
+            answer_format=script_args.answer_format,
+        )
+    dataset = with_answer_format(dataset, script_args.answer_format)
+    eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
+
+    ################
+    # Trainer
+    ################
+    training_args.remove_unused_columns = False  # the collator reads image, prompt and completion
+    training_args.max_length = None  # never truncate image tokens or the answer
+    trainer = SFTTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset[script_args.dataset_train_split],
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        data_collator=BoxSFTCollator(processor),
+        peft_config=peft_config,
+    )
+    logger.info(describe_trainable(trainer.model))
+
+    ################
+    # Training loop
+    ################
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = train_result.metrics
+    metrics["train_samples"] = len(dataset[script_args.dataset_train_split])
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
+
+    ################
+    # Save model and create model card
+    ################
+    trainer.model.config.use_cache = True
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        processor.save_pretrained(training_args.output_dir)
+        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["bbox-sft", "bounding-box"])
+    logger.info("model saved to %s", training_args.output_dir)
+
+    ################
+    # Push to the Hub
+    ################
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["bbox-sft", "bounding-box"])
+    return trainer
+
+
+def with_answer_format(dataset: datasets.DatasetDict, answer_format: str) -> datasets.DatasetDict:
+    """Rewrite ``completion`` from ``box`` when the dataset was built in another answer format."""
+    sample = dataset[next(iter(dataset))][0]
+    if sample["completion"][0]["content"][0]["text"] == format_answer(sample["box"], answer_format):
+        return dataset
+
+    def rewrite(box: list[float]) -> dict:
+        return {"completion": completion_messages(format_answer(box, answer_format))}
+
+    logger.info("rewriting answers in the %r format", answer_format)
+    return dataset.map(rewrite, input_columns="box")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[BoxScriptArguments, SFTConfig, ModelConfig]:
+    """``train.py RECIPE.yaml [--field value ...]``, or TRL's ``--config RECIPE.yaml``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["--config", *argv]
+    parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig))
+    # SFTConfig defaults to bf16 and refuses it without a GPU: default the precision to the device's
+    # instead (a recipe or the command line can still set bf16/fp16 explicitly).
+    setup = detect_device()
+    parser.set_defaults_with_config(bf16=setup.bf16, fp16=setup.fp16)
+    return parser.parse_args_and_config(args=argv)
+
+
+if __name__ == "__main__":
+    main(*parse_args())
