@@ -21,3 +21,22 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     write_synthetic_set(root, n=60, seed=1)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Qwen3-VL + processor, saved with save_pretrained (loaded like a Hub model)."""
+    from bbox_sft.testing import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3-vl", hidden_size=128, layers=2)
+
+
+@pytest.fixture(scope="session")
+def box_dataset_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic set prepared by the builder (40 / 10 / 10)."""
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared") / "boxes"
+    prepare_dataset(PrepareArguments(data_dir=str(synthetic_dir), output_dir=str(out),
+                                     train_size=40, val_size=10, test_size=10))
+    return out

@@ -1,0 +1,155 @@
+"""Training end to end on the tiny Qwen3-VL: overfit (full and LoRA), DDP, kill and resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors import safe_open
+from transformers import AutoModelForImageTextToText
+
+from bbox_sft.data import PrepareArguments, prepare_dataset
+from bbox_sft.train import main, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def eight_records(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eight") / "boxes"
+    dataset = prepare_dataset(PrepareArguments(data_dir=str(synthetic_dir), output_dir=str(out),
+                                               train_size=8, val_size=2, test_size=2))
+    assert len(dataset["train"]) == 8
+    return out
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [RECIPE, "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+            "--image_min_side", "128", "--image_max_side", "160", "--logging_steps", "1",
+            "--save_strategy", "no", "--build_tiny_model", "false", *extra]
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_full_fine_tuning_overfits_eight_records(tiny_model_dir: Path, eight_records: Path, tmp_path: Path) -> None:
+    trainer = main(*parse_args(_args(tiny_model_dir, eight_records, tmp_path / "full",
+                                     "--max_steps", "30", "--learning_rate", "2e-3", "--warmup_steps", "0")))
+    losses = _losses(trainer)
+    assert losses[-1] < 0.25 * losses[0], losses
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_lora_overfits_and_saves_only_the_adapter(tiny_model_dir: Path, eight_records: Path, tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    trainer = main(*parse_args(_args(tiny_model_dir, eight_records, out, "--use_peft", "true", "--lora_r", "16",
+                                     "--train_merger", "false", "--train_vision_tower", "false",
+                                     "--lora_alpha", "64", "--max_steps", "60", "--learning_rate", "3e-3",
+                                     "--warmup_steps", "0", "--lr_scheduler_type", "constant")))
+    losses = _losses(trainer)
+    # On random weights the frozen tied embeddings and final norm cap the logit scale, so LoRA gets the
+    # answer tokens right (accuracy) long before the loss can fall far: both are asserted.
+    assert losses[-1] < 0.65 * losses[0], losses
+    accuracy = [e["mean_token_accuracy"] for e in trainer.state.log_history if "mean_token_accuracy" in e]
+    assert accuracy[0] < 0.1 and accuracy[-1] > 0.85, accuracy
+
+    assert not (out / "model.safetensors").exists()
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all("lora_" in k for k in keys)
+    assert all("language_model" in k for k in keys)  # the vision tower is not wrapped by default
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    trained_base = trainer.model.get_base_model()
+    trained = {k.replace(".base_layer", ""): v for k, v in trained_base.state_dict().items() if "lora_" not in k}
+    for name, weight in base.state_dict().items():
+        assert torch.equal(weight, trained[name]), f"{name} changed under LoRA"
+
+    reloaded = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(tiny_model_dir), str(out))
+    lora_a = next(k for k in trainer.model.state_dict() if "lora_A" in k)
+    assert torch.equal(reloaded.state_dict()[lora_a], trainer.model.state_dict()[lora_a])
+
+
+def _run(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
+
+
+def test_two_process_ddp_runs_to_the_end(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    result = _run([accelerate, "launch", "--num_processes", "2", "--cpu", "bbox_sft/train.py",
+                   *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--max_steps", "4",
+                          "--per_device_train_batch_size", "2")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    assert (out / "adapter_model.safetensors").is_file()
+    assert len(list(out.glob("adapter_model*.safetensors"))) == 1
+
+
+def test_killed_run_resumes_and_continues_its_loss_curve(tiny_model_dir: Path, box_dataset_dir: Path,
+                                                          tmp_path: Path) -> None:
+    common = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
+              "--warmup_steps", "0", "--per_device_train_batch_size", "4"]
+    reference = main(*parse_args(_args(tiny_model_dir, box_dataset_dir, tmp_path / "whole", *common)))
+    expected = {e["step"]: e["loss"] for e in reference.state.log_history if "loss" in e}
+
+    out = tmp_path / "killed"
+    args = [sys.executable, "bbox_sft/train.py", *_args(tiny_model_dir, box_dataset_dir, out, *common)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (out / "checkpoint-2").is_dir()
+    assert not (out / "trainer_state.json").exists(), "the run should have been killed before it finished"
+
+    resumed = main(*parse_args(_args(tiny_model_dir, box_dataset_dir, out, *common,
+                                     "--resume_from_checkpoint", "true")))
+    assert resumed.state.global_step == 6
+    got = {e["step"]: e["loss"] for e in resumed.state.log_history if "loss" in e}
+    assert sorted(got) == sorted(expected)  # steps 1..6, each once: the curve continues, not restarts
+    for step in range(3, 7):  # after the checkpoint the losses match the run that was never stopped
+        assert got[step] == pytest.approx(expected[step], rel=0.05), (step, got, expected)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--not_a_field", "1"], "not_a_field"),
+        (["--dataset_name", "data/no_such_dataset", "--data_dir", "data/no_such_images", "--synthetic_images", "0"],
+         "data_dir data/no_such_images does not exist"),
+        (["--use_peft", "true", "--load_in_4bit", "true"], "QLoRA (load_in_4bit) needs a CUDA GPU"),
+    ],
+    ids=["unknown-key", "missing-dataset", "qlora-on-cpu"],
+)
+def test_bad_config_exits_non_zero_naming_the_problem(extra, message, tiny_model_dir, box_dataset_dir,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "bad"
+    result = _run([sys.executable, "bbox_sft/train.py", *_args(tiny_model_dir, box_dataset_dir, out, *extra)])
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not out.exists(), "nothing may be half-written"
+
+
+def test_unknown_key_in_a_recipe_file_is_named(tmp_path: Path) -> None:
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "\nlearning_rat: 0.1\n")
+    result = _run([sys.executable, "bbox_sft/train.py", str(recipe)])
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
