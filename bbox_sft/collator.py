@@ -88,3 +88,23 @@ class BoxSFTCollator:
             labels[i, start : start + len(target)] = batch["input_ids"][i, start : start + len(target)]
         batch["labels"] = labels
         return batch
+
+
+def add_lengths(dataset, processor: ProcessorMixin, column: str = "length"):
+    """Add each record's token count (visual tokens from its size + answer tokens) without decoding images.
+
+    With ``train_sampling_strategy: group_by_length`` the Trainer batches records of similar length
+    from this column, which keeps padding to a few percent.
+    """
+    from .model import visual_tokens
+
+    tokenizer = processor.tokenizer
+    answers = [_answer_text({"completion": c}) for c in dataset["completion"]]
+    answer_tokens = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    lengths = [
+        visual_tokens(processor, w, h) + len(tokens)
+        for w, h, tokens in zip(dataset["width"], dataset["height"], answer_tokens)
+    ]
+    if column in dataset.column_names:
+        dataset = dataset.remove_columns(column)
+    return dataset.add_column(column, lengths)

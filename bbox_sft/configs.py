@@ -37,6 +37,16 @@ class BoxScriptArguments(ScriptArguments):
     train_merger: bool = field(
         default=False, metadata={"help": "Train the vision-language merger (projector) fully."}
     )
+    box_eval_samples: int = field(
+        default=64, metadata={"help": "Validation images generated at each evaluation for the box metrics (0: all)."}
+    )
+    constrained_decoding: bool = field(
+        default=True, metadata={"help": "Force the answer format while generating (parse rate 1.0)."}
+    )
+    callbacks: list[str] = field(
+        default_factory=list, metadata={"help": "Callbacks by name: early_stopping."}
+    )
+    early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement."})
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "If model_name_or_path is a missing local folder, build a tiny random Qwen3-VL there."},

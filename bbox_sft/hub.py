@@ -71,3 +71,67 @@ reads (`prompt`: user turn with the image and the instruction; `completion`: the
 
 The images and masks keep the terms of their original dataset.
 """
+
+
+def write_model_card(
+    output_dir: str | Path,
+    base_model: str | None,
+    dataset_name: str | None,
+    metrics: dict[str, Any],
+    answer_format: str = "json",
+    hub_model_id: str | None = None,
+) -> Path:
+    """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
+    output_dir = Path(output_dir)
+    is_adapter = (output_dir / "adapter_config.json").is_file()
+    repo = hub_model_id or str(output_dir)
+    shown = ("loss", "mean_iou", "median_iou", "success@0.5", "success@0.75", "parse_rate")
+    scores = {k: metrics[f"eval_{k}"] for k in shown if f"eval_{k}" in metrics}
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float))
+    meta = ["---", f"base_model: {base_model}" if base_model else None,
+            "library_name: peft" if is_adapter else "library_name: transformers",
+            f"datasets:\n- {dataset_name}" if dataset_name and "/" in dataset_name and not Path(dataset_name).exists()
+            else None,
+            "pipeline_tag: image-text-to-text", "tags:\n- bbox-sft\n- bounding-box\n- trl" + ("\n- lora" if is_adapter else ""), "---"]
+    if is_adapter:
+        usage = f'''```python
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+base = AutoModelForImageTextToText.from_pretrained("{base_model}", dtype="auto")
+model = PeftModel.from_pretrained(base, "{repo}")
+processor = AutoProcessor.from_pretrained("{repo}")
+messages = [{{"role": "user", "content": [{{"type": "image"}},
+             {{"type": "text", "text": "Find the main subject and output a JSON bounding box."}}]}}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(text=[text], images=[Image.open("photo.jpg")], return_tensors="pt").to(model.device)
+out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+
+Or with this project: `bbox-sft predict --adapter {repo} --image photo.jpg`.'''
+    else:
+        usage = f"`bbox-sft predict --adapter {repo} --image photo.jpg`"
+    card = "\n".join(m for m in meta if m) + f"""
+
+# {Path(repo).name}
+
+Finds the main subject of an image and answers with its bounding box
+(answer format `{answer_format}`), fine-tuned from `{base_model}` with bbox-sft (TRL + PEFT).
+
+## Usage
+
+{usage}
+
+## Validation (generation-based, last evaluation)
+
+| metric | value |
+|---|---|
+{rows or "| (no evaluation ran) | |"}
+"""
+    path = output_dir / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(card)
+    return path

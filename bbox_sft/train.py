@@ -26,9 +26,9 @@ import datasets
 import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser
+from trl import ModelConfig, SFTConfig, TrlParser
 
-from bbox_sft.collator import BoxSFTCollator
+from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
@@ -41,11 +41,12 @@ from bbox_sft.model import (
     set_trainable,
 )
 from bbox_sft.task import completion_messages, format_answer
+from bbox_sft.validation import BoxSFTTrainer, make_callbacks
 
 logger = logging.getLogger("bbox_sft.train")
 
 
-def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> SFTTrainer:
+def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> BoxSFTTrainer:
     ################
     # Logging
     ################
@@ -131,6 +132,7 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
             answer_format=script_args.answer_format,
         )
     dataset = with_answer_format(dataset, script_args.answer_format)
+    dataset = datasets.DatasetDict({name: add_lengths(split, processor) for name, split in dataset.items()})
     eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
 
     ################
@@ -138,7 +140,7 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     ################
     training_args.remove_unused_columns = False  # the collator reads image, prompt and completion
     training_args.max_length = None  # never truncate image tokens or the answer
-    trainer = SFTTrainer(
+    trainer = BoxSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
@@ -146,6 +148,11 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         processing_class=processor,
         data_collator=BoxSFTCollator(processor),
         peft_config=peft_config,
+        callbacks=make_callbacks(script_args.callbacks, script_args),
+        box_eval_samples=script_args.box_eval_samples,
+        answer_format=script_args.answer_format,
+        constrained_decoding=script_args.constrained_decoding,
+        card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
     )
     logger.info(describe_trainable(trainer.model))
 
@@ -166,14 +173,14 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         processor.save_pretrained(training_args.output_dir)
-        trainer.create_model_card(dataset_name=script_args.dataset_name, tags=["bbox-sft", "bounding-box"])
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
     logger.info("model saved to %s", training_args.output_dir)
 
     ################
     # Push to the Hub
     ################
     if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name, tags=["bbox-sft", "bounding-box"])
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
     return trainer
 
 

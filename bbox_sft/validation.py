@@ -1,0 +1,134 @@
+"""Generation-based validation during training: the model writes boxes, and IoU scores them.
+
+Loss alone does not say whether the boxes are right. :class:`BoxSFTTrainer` is TRL's
+``SFTTrainer`` whose evaluation also generates answers for (a fixed subset of) the validation
+split and adds ``eval_mean_iou``, ``eval_median_iou``, ``eval_success@0.5``, ``eval_success@0.75``
+and ``eval_parse_rate`` to the metrics *before* they are logged. So ``report_to`` backends,
+``metric_for_best_model: eval_mean_iou`` with ``load_best_model_at_end``, and early stopping all
+see them unchanged. (A ``TrainerCallback.on_evaluate`` runs after the Trainer has logged, which is
+why this hooks ``evaluation_loop`` instead.)
+
+Under DDP each rank generates its shard of the subset; the boxes are gathered once and every rank
+computes the same metrics. A PNG grid of predictions (truth green, prediction red) is written per
+evaluation under ``output_dir/validation/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from accelerate.utils import gather_object
+from transformers import EarlyStoppingCallback, TrainerCallback
+from trl import SFTTrainer
+
+from .decoding import generate_answers
+from .hub import write_model_card
+from .metrics import box_metrics
+from .visualize import save_box_grid
+
+logger = logging.getLogger(__name__)
+
+
+class BoxSFTTrainer(SFTTrainer):
+    """``SFTTrainer`` + box metrics from generation on the validation split.
+
+    Args (beyond SFTTrainer's):
+        box_eval_samples: size of the fixed validation subset generated at each evaluation (0: all).
+        answer_format: the format the model was trained to write.
+        constrained_decoding: force the answer format while generating (parse rate 1.0).
+        grid_images: how many predictions the PNG grid shows.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        box_eval_samples: int = 64,
+        answer_format: str = "json",
+        constrained_decoding: bool = True,
+        grid_images: int = 16,
+        card_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.box_eval_samples = box_eval_samples
+        self.answer_format = answer_format
+        self.constrained_decoding = constrained_decoding
+        self.grid_images = grid_images
+        self.card_info = card_info or {}
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if self.box_eval_samples >= 0 and metric_key_prefix.startswith("eval"):
+            dataset = self.eval_dataset
+            if isinstance(dataset, dict):  # several eval sets: score the one being evaluated
+                dataset = dataset[metric_key_prefix.removeprefix("eval_")]
+            output.metrics.update(self.box_metrics(dataset, metric_key_prefix))
+        return output
+
+    def box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
+        """Generate on this rank's shard of the subset, gather, score; write the grid on the main process."""
+        n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shard = list(range(rank, n, world))
+        rows = dataset.select(shard)
+        model = self.accelerator.unwrap_model(self.model)
+        predictions = generate_answers(
+            model,
+            self.processing_class,
+            rows["image"],
+            answer_format=self.answer_format,
+            constrained=self.constrained_decoding,
+            batch_size=self.args.per_device_eval_batch_size,
+            progress=self.accelerator.is_main_process,
+        )
+        mine = [(i, p.box, p.raw) for i, p in zip(shard, predictions)]
+        gathered = sorted(gather_object(mine)) if world > 1 else mine
+        boxes = [box for _, box, _ in gathered]
+        references = dataset.select(range(n))["box"]
+        metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
+        if self.accelerator.is_main_process:
+            self._write_grid(dataset, gathered, metrics)
+        return metrics
+
+    def _write_grid(self, dataset, gathered: list, metrics: dict[str, float]) -> None:
+        folder = Path(self.args.output_dir) / "validation"
+        step = self.state.global_step
+        shown = dataset.select(range(min(self.grid_images, len(gathered))))
+        items = [(r["image"], r["box"], box, None) for r, (_, box, _) in zip(shown, gathered)]
+        save_box_grid(items, folder / f"step-{step:06d}.png")
+        record = {"step": step, **metrics, "answers": [raw for _, _, raw in gathered[: self.grid_images]]}
+        with open(folder / "history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """Our card (base model, peft, datasets, the last box metrics, a peft usage snippet), not TRL's."""
+        if not self.is_world_process_zero():
+            return
+        eval_logs = [e for e in self.state.log_history if any(k.endswith("mean_iou") for k in e)]
+        write_model_card(
+            self.args.output_dir,
+            base_model=self.card_info.get("base_model") or getattr(self.model.config, "_name_or_path", None),
+            dataset_name=dataset_name or self.card_info.get("dataset_name"),
+            metrics=eval_logs[-1] if eval_logs else {},
+            answer_format=self.answer_format,
+            hub_model_id=self.args.hub_model_id,
+        )
+
+
+CALLBACKS = {
+    "early_stopping": lambda args: EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience),
+}
+
+
+def make_callbacks(names: list[str], script_args: Any) -> list[TrainerCallback]:
+    """Callbacks listed by name in the recipe."""
+    unknown = [n for n in names if n not in CALLBACKS]
+    if unknown:
+        raise ValueError(f"unknown callbacks {unknown}; known: {sorted(CALLBACKS)}")
+    return [CALLBACKS[name](script_args) for name in names]
