@@ -3,6 +3,10 @@
     bbox-sft synth    --output_dir data/synth --n 300
     bbox-sft prepare  --data_dir data/synth --output_dir data/saliency [--visualize]
     bbox-sft prepare  --download_help
+    bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
+    bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png]
+    bbox-sft merge    --adapter outputs/run --output outputs/merged
+    bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
 """
 
 from __future__ import annotations
@@ -50,9 +54,115 @@ def _prepare(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class PredictArguments:
+    """Arguments of ``bbox-sft predict``."""
+
+    adapter: str = field(metadata={"help": "Adapter (or full model) folder written by training."})
+    image: str | None = field(default=None, metadata={"help": "One image."})
+    dir: str | None = field(default=None, metadata={"help": "A folder of images."})
+    output: str | None = field(default=None, metadata={"help": "Draw the box: a PNG path (--image) or folder (--dir)."})
+    base: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own)."})
+    batch_size: int = field(default=8, metadata={"help": "Images per generation batch."})
+    constrained: bool = field(default=True, metadata={"help": "Constrained decoding (parse rate 1.0)."})
+
+
+def _predict(argv: list[str]) -> int:
+    import json
+    from pathlib import Path
+
+    from .data.checks import load_image
+    from .predict import BoxPredictor, image_files
+    from .visualize import RED, draw_boxes
+
+    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
+    if (args.image is None) == (args.dir is None):
+        raise ValueError("give exactly one of --image PATH or --dir DIR")
+    if args.dir is not None and not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"--dir {args.dir} is not a folder")
+    paths = [Path(args.image)] if args.image else list(image_files(args.dir))
+    predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
+                                             batch_size=args.batch_size)
+    results = predictor.predict_files(paths)
+    for result in results:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        if args.output and result.prediction is not None:
+            target = Path(args.output) if args.image else Path(args.output) / f"{Path(result.path).stem}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            draw_boxes(load_image(result.path), [(result.prediction.box, RED)]).save(target)
+    failed = [r.path for r in results if r.error]
+    logger.info("%d image(s), %d boxes, %d unreadable%s", len(results), len(results) - len(failed), len(failed),
+                f": {', '.join(failed)}" if failed else "")
+    return 1 if failed else 0
+
+
+def _eval(argv: list[str]) -> int:
+    from .evaluation import EvalArguments, evaluate_adapter
+
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    evaluate_adapter(args)
+    return 0
+
+
+@dataclass
+class MergeArguments:
+    """Arguments of ``bbox-sft merge``."""
+
+    adapter: str = field(metadata={"help": "Adapter folder written by training."})
+    output: str = field(metadata={"help": "Folder for the merged model (loads without peft)."})
+    base: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own)."})
+
+
+def _merge(argv: list[str]) -> int:
+    from transformers import AutoConfig
+
+    from .predict import adapter_base, load_for_inference
+
+    (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
+    base = args.base or adapter_base(args.adapter)
+    if base is None:
+        raise ValueError(f"{args.adapter} holds a full model, not an adapter: nothing to merge")
+    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+        raise ValueError(
+            f"base model {base} is quantized: merging LoRA weights into 4/8-bit weights loses the adapter's "
+            "precision. Merge into the unquantized base instead (--base <full-precision model>)."
+        )
+    model, processor = load_for_inference(args.adapter, base)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    logger.info("merged %s into %s: %s", args.adapter, base, args.output)
+    return 0
+
+
+@dataclass
+class PushArguments:
+    """Arguments of ``bbox-sft push``."""
+
+    adapter: str = field(metadata={"help": "Adapter folder (with its README.md model card)."})
+    repo_id: str = field(metadata={"help": "Hub model repo id, e.g. your-name/qwen3vl-bbox-lora."})
+    private: bool = field(default=False, metadata={"help": "Create the repo as private."})
+
+
+def _push(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .hub import push_folder
+
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    if not (Path(args.adapter) / "adapter_config.json").is_file() and not (Path(args.adapter) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.adapter}: not an adapter or model folder")
+    push_folder(args.adapter, args.repo_id, private=args.private)
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "synth": (_synth, "write a synthetic saliency set in the DUTS layout"),
     "prepare": (_prepare, "build the box dataset from images + masks (DUTS or any saliency set)"),
+    "eval": (_eval, "score an adapter, its base model and the center prior on a split"),
+    "predict": (_predict, "boxes for an image or a folder of images"),
+    "merge": (_merge, "merge an adapter into its base model"),
+    "push": (_push, "push an adapter folder (with its model card) to the Hub"),
 }
 
 
@@ -69,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     except HubPushError as error:
         logger.error(str(error))
         return 1
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, ValueError, OSError) as error:
         logger.error("error: %s", error)
         return 2
 

@@ -135,3 +135,18 @@ Finds the main subject of an image and answers with its bounding box
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(card)
     return path
+
+
+def push_folder(folder: str | Path, repo_id: str, private: bool = False) -> None:
+    """Upload an adapter or model folder as it is on disk (its README.md is the model card)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+
+    def push() -> None:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                          ignore_patterns=["checkpoint-*", "*.bin", "validation/*"])
+
+    push_or_explain(push, repo_id, folder)
+    logger.info("pushed %s to https://huggingface.co/%s", folder, repo_id)

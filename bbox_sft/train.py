@@ -17,8 +17,10 @@ given as the first argument or with ``--config``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from dataclasses import asdict
 import sys
 from pathlib import Path
 
@@ -172,7 +174,9 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     trainer.model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
-        processor.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
+        args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
+        args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format for predict/eval
         trainer.create_model_card(dataset_name=script_args.dataset_name)
     logger.info("model saved to %s", training_args.output_dir)
 

@@ -1,0 +1,140 @@
+"""Prediction: base model + adapter loaded with peft, image(s) in, boxes out.
+
+    predictor = BoxPredictor.from_pretrained("outputs/qwen3vl-2b-bbox-lora")
+    [prediction] = predictor.predict([Image.open("photo.jpg")])
+    prediction.box, prediction.confidence
+
+The base model id is read from the adapter's ``adapter_config.json`` (or given with ``base``); a
+folder holding a full model (a run with ``use_peft: false``) loads directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+from .data.checks import load_image
+from .data.sources import IMAGE_SUFFIXES
+from .decoding import Prediction, generate_answers
+from .model import detect_device, load_model, load_processor
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterError(ValueError):
+    """A missing adapter folder, or an adapter that does not fit its base model."""
+
+
+def adapter_base(adapter_dir: str | Path) -> str | None:
+    """The base model an adapter was trained on (None for a full model folder)."""
+    adapter_dir = Path(adapter_dir)
+    config = adapter_dir / "adapter_config.json"
+    if config.is_file():
+        return json.loads(config.read_text()).get("base_model_name_or_path")
+    if (adapter_dir / "config.json").is_file():
+        return None
+    raise AdapterError(f"{adapter_dir}: no adapter_config.json or config.json (not an adapter or model folder)")
+
+
+def load_for_inference(adapter_dir: str | Path, base: str | None = None,
+                       load_adapter: bool = True) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Base model (+ the peft adapter unless ``load_adapter`` is False) and the processor saved with it."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"adapter folder {adapter_dir} does not exist")
+    trained_on = adapter_base(adapter_dir)
+    base = base or trained_on or str(adapter_dir)
+    setup = detect_device()
+    model = load_model(base, setup)
+    if trained_on is not None and load_adapter:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, missing modules
+            raise AdapterError(
+                f"adapter {adapter_dir} does not fit base model {base} (trained on {trained_on}): {error}"
+            ) from error
+    model.to(setup.device)
+    processor_dir = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
+    processor = load_processor(str(processor_dir))
+    return model, processor
+
+
+@dataclass
+class ImageResult:
+    """A prediction for one file, or the reason it has none."""
+
+    path: str
+    prediction: Prediction | None
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        if self.prediction is None:
+            return {"image": self.path, "error": self.error}
+        box = self.prediction.box
+        return {
+            "image": self.path,
+            "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), box)) if box else None,
+            "box_px": list(box.to_pixels(self.width, self.height)) if box else None,
+            "confidence": round(self.prediction.confidence, 4),
+            "raw": self.prediction.raw,
+        }
+
+
+class BoxPredictor:
+    """A model that answers with the box of an image's main subject."""
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
+                 constrained: bool = True, batch_size: int = 8) -> None:
+        self.model = model
+        self.processor = processor
+        self.answer_format = answer_format
+        self.constrained = constrained
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str | Path, base: str | None = None, **kwargs) -> "BoxPredictor":
+        model, processor = load_for_inference(adapter_dir, base)
+        kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
+        return cls(model, processor, **kwargs)
+
+    def predict(self, images: Sequence[Image.Image], progress: bool = False) -> list[Prediction]:
+        return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
+                                constrained=self.constrained, batch_size=self.batch_size, progress=progress)
+
+    def predict_files(self, paths: Sequence[str | Path]) -> list[ImageResult]:
+        """Predictions for image files; an unreadable file gets an error entry and the rest go on."""
+        loaded, results = [], []
+        for path in paths:
+            try:
+                loaded.append((str(path), load_image(str(path))))
+            except Exception as error:  # PIL raises many types for bad files
+                message = f"{type(error).__name__}: {error}"
+                logger.error("%s: cannot read image (%s)", path, message)
+                results.append(ImageResult(str(path), None, error=message))
+        predictions = self.predict([image for _, image in loaded], progress=len(loaded) > self.batch_size)
+        results += [ImageResult(path, p, *image.size) for (path, image), p in zip(loaded, predictions)]
+        order = {str(p): i for i, p in enumerate(paths)}
+        return sorted(results, key=lambda r: order[r.path])
+
+
+def trained_answer_format(adapter_dir: str | Path) -> str:
+    """The answer format a run trained with (saved with its arguments), json if unknown."""
+    args = Path(adapter_dir) / "bbox_sft_args.json"
+    if args.is_file():
+        return json.loads(args.read_text()).get("answer_format", "json")
+    return "json"
+
+
+def image_files(folder: str | Path) -> Iterator[Path]:
+    """Image files in ``folder`` (by suffix), sorted."""
+    return iter(sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
