@@ -91,7 +91,8 @@ def _predict(argv: list[str]) -> int:
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_boxes(load_image(result.path), [(result.prediction.box, RED)]).save(target)
     failed = [r.path for r in results if r.error]
-    logger.info("%d image(s), %d boxes, %d unreadable%s", len(results), len(results) - len(failed), len(failed),
+    boxes = sum(r.prediction is not None and r.prediction.box is not None for r in results)
+    logger.info("%d image(s), %d boxes, %d unreadable%s", len(results), boxes, len(failed),
                 f": {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
 

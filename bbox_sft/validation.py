@@ -80,7 +80,7 @@ class BoxSFTTrainer(SFTTrainer):
         predictions = generate_answers(
             model,
             self.processing_class,
-            rows["image"],
+            list(rows["image"]),
             answer_format=self.answer_format,
             constrained=self.constrained_decoding,
             batch_size=self.args.per_device_eval_batch_size,

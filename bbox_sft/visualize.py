@@ -23,8 +23,9 @@ def draw_boxes(
     draw = ImageDraw.Draw(image)
     w, h = image.size
     for box, colour in boxes:
-        if box is not None:
-            draw.rectangle([box[0] * w, box[1] * h, box[2] * w - 1, box[3] * h - 1], outline=colour, width=width)
+        if box is not None:  # pixel edges: the last pixel inside is x_max * w - 1 (at least x_min * w)
+            x0, y0 = box[0] * w, box[1] * h
+            draw.rectangle([x0, y0, max(x0, box[2] * w - 1), max(y0, box[3] * h - 1)], outline=colour, width=width)
     if caption:
         draw.rectangle([0, 0, 8 * len(caption) + 6, 14], fill=(0, 0, 0))
         draw.text((3, 1), caption, fill=(255, 255, 255))

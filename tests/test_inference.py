@@ -1,0 +1,278 @@
+"""Generation-based validation, constrained decoding, eval, predict, merge and the Hub folder."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import evaluate
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import bbox_sft.metrics
+from bbox_sft.cli import main as cli
+from bbox_sft.decoding import AnswerGrammar, generate_answers
+from bbox_sft.metrics import box_metrics
+from bbox_sft.model import set_pixel_budget
+from bbox_sft.task import format_answer, parse_answer
+from bbox_sft.train import main as train, parse_args
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
+
+
+def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [RECIPE, "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+            "--image_min_side", "128", "--image_max_side", "160", "--build_tiny_model", "false",
+            "--disable_tqdm", "true", "--per_device_eval_batch_size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path_factory) -> Path:
+    """A LoRA adapter on a briefly fully fine-tuned tiny base (as the demo does, in miniature)."""
+    root = tmp_path_factory.mktemp("adapter")
+    train(*parse_args(_train_args(tiny_model_dir, box_dataset_dir, root / "base", "--max_steps", "50",
+                                  "--learning_rate", "2e-3", "--save_strategy", "no", "--warmup_steps", "0")))
+    train(*parse_args(_train_args(root / "base", box_dataset_dir, root / "run", "--use_peft", "true",
+                                  "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
+                                  "--max_steps", "10", "--save_strategy", "no", "--train_merger", "false",
+                                  "--train_vision_tower", "false", "--warmup_steps", "0")))
+    return root / "run"
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+def test_metrics_count_unparsed_answers_as_zero() -> None:
+    truth = [(0.0, 0.0, 0.5, 0.5), (0.2, 0.2, 0.6, 0.6), (0.0, 0.0, 1.0, 1.0), (0.1, 0.1, 0.2, 0.2)]
+    predicted = [(0.0, 0.0, 0.5, 0.5), (0.2, 0.2, 0.6, 0.5), None, (0.5, 0.5, 0.6, 0.6)]
+    m = box_metrics(predicted, truth)
+    assert m["mean_iou"] == pytest.approx((1 + 0.75 + 0 + 0) / 4)
+    assert m["median_iou"] == pytest.approx(0.375)
+    assert m["success@0.5"] == 0.5 and m["success@0.75"] == 0.5 and m["parse_rate"] == 0.75
+
+
+def test_evaluate_wrapper_gives_the_same_numbers() -> None:
+    metric = evaluate.load(bbox_sft.metrics.__file__)
+    answers = [format_answer((0.1, 0.2, 0.5, 0.6)), "no box", '{"bbox_2d": [0, 0, 500, 500]}']
+    truth = [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]
+    assert metric.compute(predictions=answers, references=truth) == pytest.approx(
+        box_metrics([parse_answer(a) for a in answers], truth))
+
+
+# --- constrained decoding --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_model_dir: Path):
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    set_pixel_budget(processor, 128, 160)
+    return processor
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from(["json", "qwen"]))
+def test_any_walk_through_the_grammar_is_a_valid_answer(processor, data, answer_format: str) -> None:
+    grammar = AnswerGrammar(processor.tokenizer, answer_format)
+    tokens: list[int] = []
+    while (allowed := grammar.allowed(tokens)) != [grammar.eos]:
+        tokens.append(data.draw(st.sampled_from(allowed)))
+        assert len(tokens) < 80
+    box = parse_answer(processor.tokenizer.decode(tokens))
+    assert box is not None and 0 <= box.x_min <= box.x_max <= 1 and 0 <= box.y_min <= box.y_max <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=4, max_size=4), st.sampled_from(["json", "qwen"]))
+def test_the_grammar_accepts_every_training_answer(processor, values, answer_format: str) -> None:
+    grammar = AnswerGrammar(processor.tokenizer, answer_format)
+    box = (*sorted(values[0::2])[:1], *sorted(values[1::2])[:1], *sorted(values[0::2])[1:], *sorted(values[1::2])[1:])
+    target = processor.tokenizer(format_answer(box, answer_format), add_special_tokens=False)["input_ids"]
+    for i, token in enumerate(target):
+        assert token in grammar.allowed(target[:i])
+    assert grammar.allowed(target) == [grammar.eos]
+
+
+@pytest.mark.slow
+def test_constrained_decoding_parses_every_answer_of_an_untrained_model(tiny_model_dir, box_dataset_dir,
+                                                                         processor) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    split = datasets.load_from_disk(str(box_dataset_dir))
+    images = [image for name in ("train", "validation", "test") for image in split[name]["image"]][:50]
+    assert len(images) == 50
+    for answer_format in ("json", "qwen"):
+        predictions = generate_answers(model, processor, images, answer_format=answer_format, batch_size=16,
+                                       progress=False)
+        assert all(p.box is not None for p in predictions), [p.raw for p in predictions if p.box is None]
+        assert all(0 <= p.box.x_min <= p.box.x_max <= 1 and 0 <= p.box.y_min <= p.box.y_max <= 1
+                   for p in predictions)
+        assert all(0 < p.confidence <= 1 for p in predictions)
+    raw = generate_answers(model, processor, images[:8], constrained=False, max_new_tokens=24, progress=False)
+    assert box_metrics([p.box for p in raw], [(0, 0, 1, 1)] * 8)["parse_rate"] < 1.0  # off: reported as it is
+
+
+# --- validation during training --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_validation_logs_box_metrics_and_best_checkpoint_follows_mean_iou(tiny_model_dir, box_dataset_dir,
+                                                                          tmp_path) -> None:
+    out = tmp_path / "val"
+    trainer = train(*parse_args(_train_args(
+        tiny_model_dir, box_dataset_dir, out, "--max_steps", "30", "--learning_rate", "2e-3", "--eval_strategy",
+        "steps", "--eval_steps", "10", "--save_strategy", "steps", "--save_steps", "10", "--save_total_limit", "5",
+        "--metric_for_best_model", "eval_mean_iou", "--greater_is_better", "true", "--load_best_model_at_end",
+        "true", "--box_eval_samples", "10", "--logging_steps", "5")))
+    evals = [e for e in trainer.state.log_history if "eval_mean_iou" in e]
+    assert [e["step"] for e in evals] == [10, 20, 30]
+    for e in evals:
+        for key in ("eval_mean_iou", "eval_median_iou", "eval_success@0.5", "eval_success@0.75", "eval_parse_rate"):
+            assert 0.0 <= e[key] <= 1.0
+        assert e["eval_parse_rate"] == 1.0
+    best = max(evals, key=lambda e: e["eval_mean_iou"])
+    assert trainer.state.best_metric == pytest.approx(best["eval_mean_iou"])
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
+    assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
+        "step-000010.png", "step-000020.png", "step-000030.png"]
+    card = (out / "README.md").read_text()
+    assert "mean_iou" in card and "base_model:" in card
+
+
+# --- predict, eval, merge, plain peft ---------------------------------------------------------
+
+
+@pytest.fixture
+def image_folder(synthetic_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((synthetic_dir / "DUTS-TR" / "DUTS-TR-Image").glob("*.jpg"))[:4]:
+        shutil.copy(path, folder / path.name)
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    return folder
+
+
+@pytest.mark.slow
+def test_predict_on_a_folder_reports_the_corrupt_image_and_goes_on(adapter_dir, image_folder, tmp_path,
+                                                                    capsys) -> None:
+    code = cli(["predict", "--adapter", str(adapter_dir), "--dir", str(image_folder), "--output", str(tmp_path / "o")])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1  # the run went on, and the exit code says one file failed
+    assert len(lines) == 5
+    bad = [line for line in lines if "error" in line]
+    assert [Path(line["image"]).name for line in bad] == ["corrupt.jpg"]
+    good = [line for line in lines if "error" not in line]
+    for line in good:
+        assert set(line) == {"image", "box", "box_px", "confidence", "raw"}
+        width, height = Image.open(line["image"]).size
+        x0, y0, x1, y1 = line["box_px"]
+        assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+    assert len(list((tmp_path / "o").glob("*.png"))) == 4
+
+
+@pytest.mark.slow
+def test_eval_reports_three_rows_and_skips_a_corrupt_record(adapter_dir, box_dataset_dir, tmp_path) -> None:
+    dataset = datasets.load_from_disk(str(box_dataset_dir))
+    test = dataset["test"].cast_column("image", datasets.Image(decode=False))
+    rows = test.to_list()
+    rows[1]["image"] = {"bytes": b"broken", "path": None}
+    broken = datasets.DatasetDict({"train": dataset["train"], "test": datasets.Dataset.from_list(rows, features=test.features)})
+    broken.save_to_disk(str(tmp_path / "data"))
+    out = tmp_path / "eval"
+    assert cli(["eval", "--adapter", str(adapter_dir), "--dataset", str(tmp_path / "data"), "--split", "test",
+                "--output_dir", str(out)]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert set(report["rows"]) == {"adapter", "base (no adapter)", "center prior"}
+    assert report["evaluated"] == len(rows) - 1
+    assert [s["image_id"] for s in report["skipped"]] == [rows[1]["image_id"]]
+    assert report["rows"]["adapter"]["parse_rate"] == 1.0
+    predictions = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == len(rows) - 1
+    assert "center prior" in (out / "report.md").read_text()
+    assert Image.open(out / "grid.png").size[0] > 0
+
+
+PLAIN_PEFT = """
+import json, sys
+import torch
+from peft import PeftModel
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+adapter, *paths = sys.argv[1:]
+base_id = json.load(open(adapter + "/adapter_config.json"))["base_model_name_or_path"]
+model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(base_id), adapter).eval()
+processor = AutoProcessor.from_pretrained(adapter)
+messages = [{"role": "user", "content": [{"type": "image"},
+             {"type": "text", "text": "Find the main subject and output a JSON bounding box."}]}]
+text = processor.apply_chat_template(messages, add_generation_prompt=True)
+for path in paths:
+    inputs = processor(text=[text], images=[Image.open(path).convert("RGB")], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+    print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+"""
+
+
+@pytest.mark.slow
+def test_plain_peft_code_gives_the_same_boxes_as_predict(adapter_dir, image_folder, tmp_path, capsys) -> None:
+    paths = sorted(str(p) for p in image_folder.glob("synth*.jpg"))
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_PEFT)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    plain = subprocess.run([sys.executable, str(script), str(adapter_dir), *paths], capture_output=True, text=True,
+                           env=env, cwd=tmp_path, check=True).stdout.splitlines()
+    assert cli(["predict", "--adapter", str(adapter_dir), "--dir", str(image_folder), "--constrained", "false",
+                "--batch_size", "1"]) == 1
+    ours = [json.loads(line) for line in capsys.readouterr().out.splitlines() if "error" not in line]
+    assert [o["raw"] for o in ours] == plain
+    assert all(o["box"] is not None for o in ours), "the adapter should have learnt the answer format"
+
+
+@pytest.mark.slow
+def test_merge_writes_a_model_that_loads_without_peft(adapter_dir, tmp_path) -> None:
+    assert cli(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")]) == 0
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_missing_adapter_exits_non_zero_naming_it(tmp_path, caplog) -> None:
+    assert cli(["predict", "--adapter", str(tmp_path / "nope"), "--image", "x.jpg"]) != 0
+    assert "nope" in caplog.text
+
+
+# --- the Hub folder --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_adapter_folder_is_what_would_be_uploaded(adapter_dir, tiny_model_dir, tmp_path, caplog) -> None:
+    card = (adapter_dir / "README.md").read_text()
+    meta = card.split("---")[1]
+    assert f"base_model: {adapter_dir.parent / 'base'}" in meta and "library_name: peft" in meta
+    assert "PeftModel.from_pretrained" in card
+    for name in ("adapter_config.json", "adapter_model.safetensors", "processor_config.json", "tokenizer.json"):
+        assert (adapter_dir / name).is_file(), name
+    before = sorted(p.name for p in adapter_dir.iterdir())
+    assert cli(["push", "--adapter", str(adapter_dir), "--repo_id", "someone/tiny-bbox"]) == 1
+    assert "someone/tiny-bbox" in caplog.text and "Nothing is lost" in caplog.text
+    assert sorted(p.name for p in adapter_dir.iterdir()) == before
+
+
+def test_bad_image_bytes_are_caught_by_decode(tmp_path) -> None:
+    from bbox_sft.evaluation import decode_records
+
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(good, format="PNG")
+    features = datasets.Features({"image": datasets.Image(), "image_id": datasets.Value("string")})
+    split = datasets.Dataset.from_list([{"image": {"bytes": good.getvalue(), "path": None}, "image_id": "a"},
+                                        {"image": {"bytes": b"xx", "path": None}, "image_id": "b"}], features=features)
+    kept, skipped = decode_records(split)
+    assert [r["image_id"] for r in kept] == ["a"] and [s["image_id"] for s in skipped] == ["b"]
