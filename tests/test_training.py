@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +99,21 @@ def test_two_process_ddp_runs_to_the_end(tiny_model_dir: Path, box_dataset_dir: 
     assert len(list(out.glob("adapter_model*.safetensors"))) == 1
 
 
+KILLED_AFTER_FIRST_SAVE = """
+import os, signal, sys
+from transformers import TrainerCallback
+import bbox_sft.train as train
+
+class KillAfterSave(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):  # the checkpoint is on disk: die like a preempted job
+        os.kill(os.getpid(), signal.SIGKILL)
+
+make_callbacks = train.make_callbacks
+train.make_callbacks = lambda names, script_args: make_callbacks(names, script_args) + [KillAfterSave()]
+train.main(*train.parse_args(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_and_continues_its_loss_curve(tiny_model_dir: Path, box_dataset_dir: Path,
                                                           tmp_path: Path) -> None:
     common = ["--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2", "--learning_rate", "1e-3",
@@ -108,15 +122,12 @@ def test_killed_run_resumes_and_continues_its_loss_curve(tiny_model_dir: Path, b
     expected = {e["step"]: e["loss"] for e in reference.state.log_history if "loss" in e}
 
     out = tmp_path / "killed"
-    args = [sys.executable, "bbox_sft/train.py", *_args(tiny_model_dir, box_dataset_dir, out, *common)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "checkpoint-2" / "trainer_state.json").exists() and time.time() < deadline:
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert (out / "checkpoint-2").is_dir()
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_AFTER_FIRST_SAVE)
+    args = [sys.executable, str(script), *_args(tiny_model_dir, box_dataset_dir, out, *common)]
+    result = _run(args)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (out / "checkpoint-2").is_dir() and not (out / "checkpoint-4").exists()
     assert not (out / "trainer_state.json").exists(), "the run should have been killed before it finished"
 
     resumed = main(*parse_args(_args(tiny_model_dir, box_dataset_dir, out, *common,
