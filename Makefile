@@ -25,13 +25,15 @@ test: install
 lint: install
 	$(BIN)/ruff check bbox_sft tests bench
 
+# DEMO_PROFILE=fast runs the reduced demo the tests run (about 3 minutes)
+DEMO_PROFILE ?= full
 demo: install
-	HF_HUB_OFFLINE=1 $(BIN)/bbox-sft synth --output_dir data/demo_synth --n 400 --seed 0
-	HF_HUB_OFFLINE=1 $(BIN)/bbox-sft prepare --data_dir data/demo_synth --output_dir data/demo \
-		--train_size 300 --val_size 50 --test_size 50 --visualize
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bbox_sft.demo --profile $(DEMO_PROFILE)
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prepare.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/train_step.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/eval_speed.py
 
 clean:
 	rm -rf outputs data

@@ -55,3 +55,31 @@ def save_box_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(drawn, columns=columns).save(path)
     return path
+
+
+def save_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
+    """PNG of training loss and validation mean IoU over steps, from a Trainer's ``log_history``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    evals = [(e["step"], e["eval_mean_iou"]) for e in log_history if "eval_mean_iou" in e]
+    fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        loss_axis.plot(*zip(*train), color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("step")
+    loss_axis.set_ylabel("training loss", color="tab:blue")
+    iou_axis = loss_axis.twinx()
+    if evals:
+        iou_axis.plot(*zip(*evals), color="tab:red", marker="o", label="validation mean IoU")
+    iou_axis.set_ylabel("validation mean IoU", color="tab:red")
+    iou_axis.set_ylim(0, 1)
+    fig.suptitle("training loss and generation-based validation")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -84,9 +84,9 @@ def make_sample(rng: np.random.Generator, domain: Domain = "plain") -> tuple[np.
     """One RGB image and its 0/255 subject mask."""
     w, h = int(rng.integers(256, 417)), int(rng.integers(192, 321))
     img = _background(rng, h, w, domain)
-    scale = rng.uniform(0.15, 0.45) if domain == "plain" else rng.uniform(0.1, 0.35)
+    scale = rng.uniform(0.12, 0.4) if domain == "plain" else rng.uniform(0.12, 0.35)
     rx, ry = int(w * scale * rng.uniform(0.6, 1.0)), int(h * scale * rng.uniform(0.6, 1.0))
-    spread = 0.5 if domain == "plain" else 1.0
+    spread = 1.0
     cx = int(np.clip(w / 2 + rng.uniform(-1, 1) * spread * (w / 2 - rx), rx, w - rx))
     cy = int(np.clip(h / 2 + rng.uniform(-1, 1) * spread * (h / 2 - ry), ry, h - ry))
     subject = _shape_mask(rng, h, w, cx, cy, rx, ry)
