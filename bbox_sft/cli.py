@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from transformers import HfArgumentParser
 
@@ -151,7 +151,8 @@ def _push(argv: list[str]) -> int:
     from .hub import push_folder
 
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
-    if not (Path(args.adapter) / "adapter_config.json").is_file() and not (Path(args.adapter) / "config.json").is_file():
+    folder = Path(args.adapter)
+    if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{args.adapter}: not an adapter or model folder")
     push_folder(args.adapter, args.repo_id, private=args.private)
     return 0

@@ -13,8 +13,8 @@ the KV cache, no gradient, eval mode, and puts the model back in training mode a
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -195,12 +195,13 @@ def generate_answers(
                 return_tensors="pt",
             ).to(model.device)
             prompt_length = batch["input_ids"].shape[1]
+            processors = LogitsProcessorList([GrammarLogitsProcessor(grammar, prompt_length)]) if grammar else None
             out = model.generate(
                 **batch,
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 use_cache=True,
-                logits_processor=LogitsProcessorList([GrammarLogitsProcessor(grammar, prompt_length)]) if grammar else None,
+                logits_processor=processors,
                 return_dict_in_generate=True,
                 output_logits=True,
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),

@@ -50,10 +50,10 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(images_a=3000, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
+    "full": Profile(images_a=3000, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=500,
                     hidden_size=256, layers=4, eval_steps=100),
-    "fast": Profile(images_a=600, images_b=300, train_b=200, test_b=40, base_steps=150, lora_steps=60,
-                    hidden_size=128, layers=2, eval_steps=30),
+    "fast": Profile(images_a=1000, images_b=400, train_b=300, test_b=40, base_steps=300, lora_steps=100,
+                    hidden_size=256, layers=4, eval_steps=50),
 }
 
 
@@ -84,7 +84,8 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
     synth = [_bin("bbox-sft"), "synth"]
     stages.run(
         "synthetic data",
-        [*synth, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1", "--domain", "plain"],
+        [*synth, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1",
+         "--domain", "plain"],
         [*synth, "--output_dir", str(data / "synth_b"), "--n", str(profile.images_b), "--seed", "2",
          "--domain", "cluttered"],
         [*synth, "--output_dir", str(data / "heldout_b"), "--n", "8", "--seed", "3", "--domain", "cluttered"],

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def write_model_card(
             "library_name: peft" if is_adapter else "library_name: transformers",
             f"datasets:\n- {dataset_name}" if dataset_name and "/" in dataset_name and not Path(dataset_name).exists()
             else None,
-            "pipeline_tag: image-text-to-text", "tags:\n- bbox-sft\n- bounding-box\n- trl" + ("\n- lora" if is_adapter else ""), "---"]
+            "pipeline_tag: image-text-to-text",
+            "tags:\n- bbox-sft\n- bounding-box\n- trl" + ("\n- lora" if is_adapter else ""), "---"]
     if is_adapter:
         usage = f'''```python
 import torch

@@ -98,8 +98,8 @@ def quantization_config(load_in_4bit: bool, dtype: torch.dtype, device: str, dou
             "Use plain LoRA (set load_in_4bit: false), which fits a 2B model on CPU and Apple silicon."
         )
     try:
-        from transformers import BitsAndBytesConfig
         import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
     except ImportError as error:
         raise ValueError("QLoRA needs bitsandbytes: pip install 'bbox-sft[qlora]'") from error
     return BitsAndBytesConfig(

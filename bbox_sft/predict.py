@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
@@ -102,7 +102,7 @@ class BoxPredictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, adapter_dir: str | Path, base: str | None = None, **kwargs) -> "BoxPredictor":
+    def from_pretrained(cls, adapter_dir: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
         model, processor = load_for_inference(adapter_dir, base)
         kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
         return cls(model, processor, **kwargs)

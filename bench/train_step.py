@@ -27,7 +27,7 @@ import torch  # noqa: E402
 from torch.utils.data import RandomSampler  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
 
-from bbox_sft.collator import BoxSFTCollator, add_lengths  # noqa: E402
+from bbox_sft.collator import BoxSFTCollator  # noqa: E402
 from bbox_sft.model import describe_trainable, lora_config, set_pixel_budget  # noqa: E402
 from bbox_sft.testing import QWEN3_VL_2B_PARAMETERS, build_processor, qwen3_vl_2b_config  # noqa: E402
 from bbox_sft.train import main as train_main  # noqa: E402
@@ -73,8 +73,8 @@ def two_b() -> None:
     bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     dtype = torch.bfloat16 if bf16 else torch.float32
     start = time.perf_counter()
-    from transformers import Qwen3VLForConditionalGeneration
     from peft import get_peft_model
+    from transformers import Qwen3VLForConditionalGeneration
 
     processor = build_processor()  # the real processor's image settings, with the small local tokenizer
     set_pixel_budget(processor, 320, 448)
@@ -99,9 +99,10 @@ def two_b() -> None:
     model = get_peft_model(model, lora_config(r=16, alpha=32, dropout=0.05))
     print(describe_trainable(model))
 
-    from bbox_sft.data.synthetic import make_sample
     import numpy as np
     from PIL import Image
+
+    from bbox_sft.data.synthetic import make_sample
 
     image, _ = make_sample(np.random.default_rng(0))
     record = {"image": Image.fromarray(image).resize((448, 448)),

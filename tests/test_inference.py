@@ -24,7 +24,8 @@ from bbox_sft.decoding import AnswerGrammar, generate_answers
 from bbox_sft.metrics import box_metrics
 from bbox_sft.model import set_pixel_budget
 from bbox_sft.task import format_answer, parse_answer
-from bbox_sft.train import main as train, parse_args
+from bbox_sft.train import main as train
+from bbox_sft.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "tiny_cpu.yaml")
@@ -184,7 +185,8 @@ def test_eval_reports_three_rows_and_skips_a_corrupt_record(adapter_dir, box_dat
     test = dataset["test"].cast_column("image", datasets.Image(decode=False))
     rows = test.to_list()
     rows[1]["image"] = {"bytes": b"broken", "path": None}
-    broken = datasets.DatasetDict({"train": dataset["train"], "test": datasets.Dataset.from_list(rows, features=test.features)})
+    test_split = datasets.Dataset.from_list(rows, features=test.features)
+    broken = datasets.DatasetDict({"train": dataset["train"], "test": test_split})
     broken.save_to_disk(str(tmp_path / "data"))
     out = tmp_path / "eval"
     assert cli(["eval", "--adapter", str(adapter_dir), "--dataset", str(tmp_path / "data"), "--split", "test",

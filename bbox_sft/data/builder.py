@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any
 
 import datasets
 from tqdm.auto import tqdm

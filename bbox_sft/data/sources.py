@@ -82,7 +82,8 @@ def _image_mask_dirs(root: Path) -> list[tuple[str, Path, Path]]:
             mask_dir = image_dir.with_name(name[: -len("-Image")] + "-Mask")
             source = name[: -len("-Image")]
         elif name.lower() == "images":
-            mask_dir = next((image_dir.with_name(n) for n in ("masks", "Masks") if image_dir.with_name(n).is_dir()), None)
+            candidates = (image_dir.with_name(n) for n in ("masks", "Masks"))
+            mask_dir = next((d for d in candidates if d.is_dir()), None)
             source = image_dir.parent.name
         else:
             continue

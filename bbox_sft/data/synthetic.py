@@ -1,12 +1,13 @@
 """A synthetic saliency set written as real files in the DUTS layout, for tests and the demo.
 
-Each image has one clear subject (ellipse, rectangle, triangle, star or blob; flat, striped or
-noisy fill) on a varied background, plus a few smaller, low-contrast distractors that are not in
-the mask. Masks are 0/255 PNGs, so the same builder reads this set and the real DUTS.
+Each image has one clear subject (ellipse, rectangle, triangle, star or blob) anywhere in the
+frame, plus a few smaller mid-tone distractors that are not in the mask. Masks are 0/255 PNGs, so
+the same builder reads this set and the real DUTS.
 
-Two domains give the demo a distribution shift to fine-tune across:
-``plain`` (flat subjects on noise or gradients) and ``cluttered`` (textured subjects, striped or
-checkered backgrounds, more distractors, subjects off-centre).
+Two domains give the demo a distribution shift to fine-tune across: ``plain`` (a bright flat
+subject on a dark, near-flat or gradient background) and ``cluttered`` (a dark striped subject on
+bright low-contrast stripes, checkers or gradients, with more distractors). A model trained on one
+looks for the wrong kind of region in the other.
 """
 
 from __future__ import annotations
@@ -24,24 +25,39 @@ Domain = Literal["plain", "cluttered"]
 SHAPES = ("ellipse", "rectangle", "triangle", "star", "blob")
 
 
+# Colour ranges per domain: (background, subject, distractors). The subject always stands out in
+# brightness, which a tiny model can learn in minutes; the domains flip which way it stands out.
+PALETTES = {
+    "plain": ((0, 90), (160, 256), (70, 140)),  # bright subject on a dark background
+    "cluttered": ((150, 256), (0, 90), (90, 170)),  # dark striped subject on bright textured backgrounds
+}
+
+
+def _colour(rng: np.random.Generator, bounds: tuple[int, int]) -> np.ndarray:
+    return rng.integers(bounds[0], bounds[1], 3).astype(float)
+
+
 def _background(rng: np.random.Generator, h: int, w: int, domain: Domain) -> np.ndarray:
-    base = rng.integers(0, 256, 3)
-    other = rng.integers(0, 256, 3)
-    kind = rng.choice(["noise", "gradient"] if domain == "plain" else ["stripes", "checker", "gradient"])
-    if kind == "noise":
-        img = np.clip(base + rng.normal(0, 25, (h, w, 3)), 0, 255)
+    """Near-flat colours or gradients (plain); low-contrast stripes, checkers or gradients (cluttered)."""
+    low, high = PALETTES[domain][0]
+    base = _colour(rng, (low, high))
+    other = np.clip(base + rng.integers(-40, 41, 3), low, high - 1)  # close to base: texture, not objects
+    kind = rng.choice(["flat", "gradient"] if domain == "plain" else ["stripes", "checker", "gradient"])
+    noise = rng.normal(0, 5 if domain == "plain" else 8, (h, w, 3))
+    if kind == "flat":
+        img = base + noise
     elif kind == "gradient":
         t = np.linspace(0, 1, w if rng.random() < 0.5 else h)
         t = t[None, :, None] if t.size == w else t[:, None, None]
-        img = np.broadcast_to(base * (1 - t) + other * t, (h, w, 3)) + rng.normal(0, 8, (h, w, 3))
+        img = np.broadcast_to(base * (1 - t) + other * t, (h, w, 3)) + noise
     elif kind == "stripes":
         period = int(rng.integers(8, 40))
         stripes = ((np.arange(w)[None, :] + np.arange(h)[:, None] * rng.integers(0, 2)) // period) % 2
-        img = np.where(stripes[..., None] == 1, base, other) + rng.normal(0, 10, (h, w, 3))
+        img = np.where(stripes[..., None] == 1, base, other) + noise
     else:
         size = int(rng.integers(12, 48))
         checker = ((np.arange(w)[None, :] // size) + (np.arange(h)[:, None] // size)) % 2
-        img = np.where(checker[..., None] == 1, base, other) + rng.normal(0, 10, (h, w, 3))
+        img = np.where(checker[..., None] == 1, base, other) + noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -65,12 +81,7 @@ def _shape_mask(rng: np.random.Generator, h: int, w: int, cx: int, cy: int, rx: 
     return mask
 
 
-def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, textured: bool, contrast: float) -> None:
-    background_mean = img[mask > 0].mean(0) if (mask > 0).any() else img.mean((0, 1))
-    colour = rng.integers(0, 256, 3).astype(float)
-    # keep the subject apart from what lies under it
-    while np.abs(colour - background_mean).sum() < 150 * contrast:
-        colour = rng.integers(0, 256, 3).astype(float)
+def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, colour: np.ndarray, textured: bool) -> None:
     fill = np.broadcast_to(colour, img.shape).astype(float)
     if textured:
         period = int(rng.integers(4, 12))
@@ -82,20 +93,20 @@ def _paint(img: np.ndarray, mask: np.ndarray, rng: np.random.Generator, textured
 
 def make_sample(rng: np.random.Generator, domain: Domain = "plain") -> tuple[np.ndarray, np.ndarray]:
     """One RGB image and its 0/255 subject mask."""
+    _, subject_colours, distractor_colours = PALETTES[domain]
     w, h = int(rng.integers(256, 417)), int(rng.integers(192, 321))
     img = _background(rng, h, w, domain)
-    scale = rng.uniform(0.12, 0.4) if domain == "plain" else rng.uniform(0.12, 0.35)
+    scale = rng.uniform(0.12, 0.4)
     rx, ry = int(w * scale * rng.uniform(0.6, 1.0)), int(h * scale * rng.uniform(0.6, 1.0))
-    spread = 1.0
-    cx = int(np.clip(w / 2 + rng.uniform(-1, 1) * spread * (w / 2 - rx), rx, w - rx))
-    cy = int(np.clip(h / 2 + rng.uniform(-1, 1) * spread * (h / 2 - ry), ry, h - ry))
+    cx = int(rng.uniform(rx, w - rx))
+    cy = int(rng.uniform(ry, h - ry))
     subject = _shape_mask(rng, h, w, cx, cy, rx, ry)
     for _ in range(int(rng.integers(0, 3 if domain == "plain" else 5))):
         dr = max(4, int(min(rx, ry) * rng.uniform(0.15, 0.35)))
         dx, dy = int(rng.integers(dr, w - dr)), int(rng.integers(dr, h - dr))
         distractor = _shape_mask(rng, h, w, dx, dy, dr, dr) & ~subject
-        _paint(img, distractor, rng, textured=False, contrast=0.3)
-    _paint(img, subject, rng, textured=domain == "cluttered", contrast=1.0)
+        _paint(img, distractor, rng, _colour(rng, distractor_colours), textured=False)
+    _paint(img, subject, rng, _colour(rng, subject_colours), textured=domain == "cluttered")
     return img, subject
 
 
