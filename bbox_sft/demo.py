@@ -50,9 +50,9 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile(images_a=3000, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=500,
+    "full": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
                     hidden_size=256, layers=4, eval_steps=100),
-    "fast": Profile(images_a=1000, images_b=400, train_b=300, test_b=40, base_steps=300, lora_steps=100,
+    "fast": Profile(images_a=800, images_b=300, train_b=220, test_b=40, base_steps=260, lora_steps=100,
                     hidden_size=256, layers=4, eval_steps=50),
 }
 

@@ -59,13 +59,17 @@ class BoxSFTTrainer(SFTTrainer):
         self.grid_images = grid_images
         self.card_info = card_info or {}
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._box_target = eval_dataset if eval_dataset is not None else self.eval_dataset
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
-        if self.box_eval_samples >= 0 and metric_key_prefix.startswith("eval"):
-            dataset = self.eval_dataset
-            if isinstance(dataset, dict):  # several eval sets: score the one being evaluated
+        dataset = getattr(self, "_box_target", None)
+        if dataset is not None and self.box_eval_samples >= 0 and metric_key_prefix.startswith("eval"):
+            if isinstance(dataset, dict):  # several eval sets: the Trainer evaluates them one by one
                 dataset = dataset[metric_key_prefix.removeprefix("eval_")]
             output.metrics.update(self.box_metrics(dataset, metric_key_prefix))
         return output
