@@ -278,3 +278,13 @@ def test_bad_image_bytes_are_caught_by_decode(tmp_path) -> None:
                                         {"image": {"bytes": b"xx", "path": None}, "image_id": "b"}], features=features)
     kept, skipped = decode_records(split)
     assert [r["image_id"] for r in kept] == ["a"] and [s["image_id"] for s in skipped] == ["b"]
+
+
+@pytest.mark.slow
+def test_adapter_on_a_base_it_does_not_fit_exits_naming_both(adapter_dir, tmp_path, caplog) -> None:
+    from bbox_sft.testing import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other-base", hidden_size=64, layers=1)
+    code = cli(["predict", "--adapter", str(adapter_dir), "--image", "x.jpg", "--base", str(other)])
+    assert code != 0
+    assert "does not fit base model" in caplog.text and str(other) in caplog.text
