@@ -71,10 +71,10 @@ class BoxSFTTrainer(SFTTrainer):
         if dataset is not None and self.box_eval_samples >= 0 and metric_key_prefix.startswith("eval"):
             if isinstance(dataset, dict):  # several eval sets: the Trainer evaluates them one by one
                 dataset = dataset[metric_key_prefix.removeprefix("eval_")]
-            output.metrics.update(self.box_metrics(dataset, metric_key_prefix))
+            output.metrics.update(self.generate_box_metrics(dataset, metric_key_prefix))
         return output
 
-    def box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
+    def generate_box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
         """Generate on this rank's shard of the subset, gather, score; write the grid on the main process."""
         n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes

@@ -91,10 +91,15 @@ def test_two_process_ddp_runs_to_the_end(tiny_model_dir: Path, box_dataset_dir: 
     accelerate = str(Path(sys.executable).parent / "accelerate")
     result = _run([accelerate, "launch", "--num_processes", "2", "--cpu", "bbox_sft/train.py",
                    *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--max_steps", "4",
-                          "--per_device_train_batch_size", "2")])
+                          "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "4",
+                          "--box_eval_samples", "6", "--per_device_eval_batch_size", "2")])
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    [evaluation] = [e for e in state["log_history"] if "eval_mean_iou" in e]  # both ranks' shards, gathered
+    assert evaluation["eval_parse_rate"] == 1.0
+    history = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and len(history[0]["answers"]) == 6  # written once, by the main process
     assert (out / "adapter_model.safetensors").is_file()
     assert len(list(out.glob("adapter_model*.safetensors"))) == 1
 
