@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import datasets
@@ -68,7 +68,7 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     setup = detect_device()
     quantization_config(model_args.load_in_4bit, setup.dtype, setup.device)  # refuses QLoRA off CUDA
     if model_args.dtype not in (None, "auto"):
-        setup = type(setup)(setup.device, getattr(torch, model_args.dtype), setup.attn_implementation)
+        setup = replace(setup, dtype=getattr(torch, model_args.dtype))  # an explicit recipe dtype wins
     logger.info("device %s, dtype %s, attention %s", setup.device, setup.dtype, setup.attn_implementation)
 
     ################
