@@ -154,14 +154,18 @@ def prompt_text(processor: ProcessorMixin) -> str:
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _confidence(logits: Sequence[torch.Tensor], row: int, tokens: list[int], digit_ids: set[int]) -> float:
-    """Geometric mean probability (under the unconstrained model) of the digits it wrote."""
-    logps = [
-        torch.log_softmax(step[row].float(), -1)[token].item()
-        for step, token in zip(logits, tokens)
-        if token in digit_ids
-    ]
-    return float(torch.tensor(logps).mean().exp()) if logps else 0.0
+def _confidences(logits: Sequence[torch.Tensor], tokens: torch.Tensor, digit_ids: torch.Tensor) -> list[float]:
+    """Per row: geometric mean probability (under the unconstrained model) of the digits it wrote.
+
+    ``logits`` holds one (batch, vocab) tensor per generated step and ``tokens`` the (batch, steps)
+    tokens written; the whole batch is scored at once.
+    """
+    stacked = torch.stack(tuple(logits), 1).float()  # (batch, steps, vocab)
+    logp = stacked.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - stacked.logsumexp(-1)
+    is_digit = torch.isin(tokens, digit_ids)
+    counts = is_digit.sum(1)
+    mean = (logp * is_digit).sum(1) / counts.clamp(min=1)
+    return torch.where(counts > 0, mean.exp(), torch.zeros_like(mean)).tolist()
 
 
 @torch.no_grad()
@@ -178,7 +182,7 @@ def generate_answers(
     """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image."""
     tokenizer = processor.tokenizer
     grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
-    digit_ids = {tokenizer.convert_tokens_to_ids(d) for d in DIGITS}
+    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
     text = prompt_text(processor)
     order = sorted(range(len(images)), key=lambda i: images[i].size[0] * images[i].size[1])
     results: list[Prediction | None] = [None] * len(images)
@@ -207,10 +211,11 @@ def generate_answers(
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tokenizer.pad_token_id,
             )
+            written = out.sequences[:, prompt_length:]
+            confidences = _confidences(out.logits, written, digit_ids.to(written.device))
             for row, i in enumerate(index):
-                tokens = out.sequences[row, prompt_length:].tolist()
-                raw = tokenizer.decode(tokens, skip_special_tokens=True)
-                results[i] = Prediction(parse_answer(raw), raw, _confidence(out.logits, row, tokens, digit_ids))
+                raw = tokenizer.decode(written[row], skip_special_tokens=True)
+                results[i] = Prediction(parse_answer(raw), raw, confidences[row])
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
