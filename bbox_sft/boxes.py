@@ -7,6 +7,7 @@ so the whole image is exactly ``(0, 0, 1, 1)``.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import cv2
@@ -33,13 +34,21 @@ class Box(NamedTuple):
         return ((self.x_min + self.x_max) / 2, (self.y_min + self.y_max) / 2)
 
     def to_pixels(self, width: int, height: int) -> tuple[int, int, int, int]:
-        """Pixel edges ``(x0, y0, x1, y1)``; the inverse of :func:`box_from_pixels`."""
-        return (
-            int(round(self.x_min * width)),
-            int(round(self.y_min * height)),
-            int(round(self.x_max * width)),
-            int(round(self.y_max * height)),
-        )
+        """Pixel edges ``(x0, y0, x1, y1)`` of the pixels the box covers; the inverse of :func:`box_from_pixels`.
+
+        A box that covers part of a pixel covers that pixel, so a non-empty box is at least one pixel
+        wide and high even on a tiny image (a 1x1 image's box is ``(0, 0, 1, 1)``).
+        """
+        def edges(lo: float, hi: float, size: int) -> tuple[int, int]:
+            a = min(max(math.floor(lo * size + 1e-6), 0), size)
+            if hi <= lo:
+                return a, a
+            b = min(max(math.ceil(hi * size - 1e-6), a + 1), size)
+            return (a - 1, b) if a == b else (a, b)
+
+        x0, x1 = edges(self.x_min, self.x_max, width)
+        y0, y1 = edges(self.y_min, self.y_max, height)
+        return x0, y0, x1, y1
 
 
 def box_from_pixels(x0: float, y0: float, x1: float, y1: float, width: int, height: int) -> Box:

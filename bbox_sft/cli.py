@@ -71,7 +71,9 @@ def _predict(argv: list[str]) -> int:
     import json
     from pathlib import Path
 
-    from .data.checks import load_image
+    from tqdm.auto import tqdm
+
+    from .images import load_image
     from .predict import BoxPredictor, image_files
     from .visualize import RED, draw_boxes
 
@@ -83,16 +85,21 @@ def _predict(argv: list[str]) -> int:
     paths = [Path(args.image)] if args.image else list(image_files(args.dir))
     predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
                                              batch_size=args.batch_size)
-    results = predictor.predict_files(paths)
-    for result in results:
+    failed, boxes = [], 0
+    # one JSON line per image, written as each window of batches is done: an interrupted run keeps them
+    for result in tqdm(predictor.predict_files(paths), total=len(paths), desc="Predicting", unit="image",
+                       disable=len(paths) <= args.batch_size):
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
-        if args.output and result.prediction is not None:
+        sys.stdout.flush()
+        if result.error:
+            failed.append(result.path)
+            continue
+        boxes += result.prediction.box is not None
+        if args.output:
             target = Path(args.output) if args.image else Path(args.output) / f"{Path(result.path).stem}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             draw_boxes(load_image(result.path), [(result.prediction.box, RED)]).save(target)
-    failed = [r.path for r in results if r.error]
-    boxes = sum(r.prediction is not None and r.prediction.box is not None for r in results)
-    logger.info("%d image(s), %d boxes, %d unreadable%s", len(results), boxes, len(failed),
+    logger.info("%d image(s), %d boxes, %d skipped%s", len(paths), boxes, len(failed),
                 f": {', '.join(failed)}" if failed else "")
     return 1 if failed else 0
 

@@ -3,8 +3,12 @@
 Constrained decoding makes the answer follow the answer format by construction: the fixed parts
 of the JSON are forced token by token and only the numbers are chosen by the model, each digit
 restricted to values that keep the number valid (``0.00``-``1.00`` in the json format, ``0``-``1000``
-in the qwen format). Parse rate is 1.0 by construction. It needs a tokenizer that writes each
-digit as its own token, as Qwen's does; :class:`AnswerGrammar` checks that and refuses otherwise.
+in the qwen format) and the box ordered and non-degenerate (each max above the min already written).
+Parse rate is 1.0 by construction. It needs a tokenizer that writes each digit as its own token,
+as Qwen's does; :class:`AnswerGrammar` checks that and refuses otherwise.
+
+Images whose shape the processor refuses (aspect ratio over 200) are padded first and their boxes
+mapped back to the original frame; ``raw`` keeps the answer as written for the padded image.
 
 Generation uses left padding (right-padded batches make the model continue from pad tokens),
 the KV cache, no gradient, eval mode, and puts the model back in training mode afterwards.
@@ -23,7 +27,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, 
 from trl.data_utils import prepare_multimodal_messages
 
 from .boxes import Box
-from .task import ANSWER_FORMATS, JSON_KEYS, QWEN_KEY, format_answer, parse_answer, prompt_messages
+from .images import pad_to_aspect_ratio, to_rgb
+from .task import ANSWER_FORMATS, DECIMALS, JSON_KEYS, QWEN_GRID, QWEN_KEY, format_answer, parse_answer, prompt_messages
 
 logger = logging.getLogger(__name__)
 DIGITS = "0123456789"
@@ -88,22 +93,48 @@ class AnswerGrammar:
             ids += fixed + [self.digit[c] if c in DIGITS else self.dot for c in number]
         return ids + self.fixed[-1]
 
-    def _number_options(self, chars: str) -> tuple[list[int], bool]:
-        """(allowed next characters' tokens, whether the number may end here)."""
-        d = self.digit
-        if self.answer_format == "json":  # exactly d.dd with value <= 1
-            if chars == "":
-                return [d["0"], d["1"]], False
+    @property
+    def top(self) -> int:
+        """The largest number on the answer's integer grid (1.00 is 100 hundredths in the json format)."""
+        return 10**DECIMALS if self.answer_format == "json" else QWEN_GRID
+
+    def bounds(self, index: int, values: Sequence[int]) -> tuple[int, int]:
+        """Allowed range of number ``index`` given the numbers before it: each max above its min.
+
+        x_min and y_min stop one unit below the top, so that a larger max exists; x_max and y_max lie
+        strictly above the min already written.
+        """
+        if index < 2:
+            return 0, self.top - 1
+        return values[index - 2] + 1, self.top
+
+    def _feasible(self, digits: str, low: int, high: int) -> bool:
+        """Whether a number that starts with ``digits`` can still end in [low, high]."""
+        if self.answer_format == "json":  # exactly three digits, d.dd
+            span = 10 ** (DECIMALS + 1 - len(digits))
+            start = int(digits) * span
+            return start <= high and start + span - 1 >= low
+        if len(digits) > 1 and digits[0] == "0":  # qwen: 1-4 digits without leading zeros
+            return False
+        for extra in range(0, 5 - len(digits)) if digits != "0" else (0,):
+            span = 10**extra
+            start = int(digits) * span
+            if start <= high and start + span - 1 >= low:
+                return True
+        return False
+
+    def _number_options(self, chars: str, low: int, high: int) -> tuple[list[int], bool]:
+        """(allowed next characters' tokens, whether the number may end here) for a number in [low, high]."""
+        digits = chars.replace(".", "")
+        if self.answer_format == "json":
             if len(chars) == 1:
                 return [self.dot], False
-            if len(chars) < 4:
-                return ([d["0"]] if chars[0] == "1" else list(d.values())), False
-            return [], True
-        if chars == "":  # qwen: an integer 0..1000 without leading zeros
-            return list(d.values()), False
-        if chars == "0" or len(chars) == 4 or (len(chars) == 3 and chars != "100"):
-            return [], True
-        return ([d["0"]] if len(chars) == 3 else list(d.values())), True
+            if len(digits) == DECIMALS + 1:
+                return [], True
+            return [self.digit[c] for c in DIGITS if self._feasible(digits + c, low, high)], False
+        grows = len(digits) < 4 and digits != "0"
+        options = [self.digit[c] for c in DIGITS if self._feasible(digits + c, low, high)] if grows else []
+        return options, bool(digits) and low <= int(digits) <= high
 
     def allowed(self, generated: Sequence[int]) -> list[int]:
         """Tokens that may come next after ``generated`` (the answer so far).
@@ -111,16 +142,18 @@ class AnswerGrammar:
         The answer is fixed run 0, number 0, fixed run 1, ..., number 3, fixed run 4, then eos.
         """
         k, j, chars, in_number = 0, 0, "", False  # fixed run k, j of its tokens seen; or inside the number before it
+        values: list[int] = []  # the numbers written so far, on the integer grid
         last = len(self.fixed) - 1
         for token in generated:
             if in_number:
-                options, may_end = self._number_options(chars)
+                options, may_end = self._number_options(chars, *self.bounds(len(values), values))
                 if token in options:
                     chars += self.char_of[token]
                     continue
                 if not (may_end and token == self.fixed[k][0]):
                     return [self.eos]  # off the grammar: cannot happen under the processor
                 in_number = False
+                values.append(int(chars.replace(".", "")))
             elif token != self.fixed[k][j]:
                 return [self.eos]
             j += 1
@@ -129,7 +162,7 @@ class AnswerGrammar:
                     return [self.eos]
                 k, j, chars, in_number = k + 1, 0, "", True
         if in_number:
-            options, may_end = self._number_options(chars)
+            options, may_end = self._number_options(chars, *self.bounds(len(values), values))
             return options + ([self.fixed[k][0]] if may_end else [])
         return [self.fixed[k][j]]
 
@@ -184,6 +217,7 @@ def generate_answers(
     grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
     text = prompt_text(processor)
+    fitted = [pad_to_aspect_ratio(image) for image in images]  # shapes the processor refuses, padded
     order = sorted(range(len(images)), key=lambda i: images[i].size[0] * images[i].size[1])
     results: list[Prediction | None] = [None] * len(images)
     was_training = model.training
@@ -193,7 +227,7 @@ def generate_answers(
             index = order[start : start + batch_size]
             batch = processor(
                 text=[text] * len(index),
-                images=[[images[i].convert("RGB")] for i in index],
+                images=[[to_rgb(fitted[i][0])] for i in index],
                 padding=True,
                 padding_side="left",
                 return_tensors="pt",
@@ -215,7 +249,10 @@ def generate_answers(
             confidences = _confidences(out.logits, written, digit_ids.to(written.device))
             for row, i in enumerate(index):
                 raw = tokenizer.decode(written[row], skip_special_tokens=True)
-                results[i] = Prediction(parse_answer(raw), raw, confidences[row])
+                box, letterbox = parse_answer(raw), fitted[i][1]
+                if box is not None and letterbox is not None:
+                    box = letterbox.to_original(box)
+                results[i] = Prediction(box, raw, confidences[row])
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]

@@ -12,16 +12,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from .data.checks import load_image
 from .data.sources import IMAGE_SUFFIXES
 from .decoding import Prediction, generate_answers
+from .images import ImageError, open_image
 from .model import detect_device, load_model, load_processor
 
 logger = logging.getLogger(__name__)
@@ -111,20 +112,31 @@ class BoxPredictor:
         return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
                                 constrained=self.constrained, batch_size=self.batch_size, progress=progress)
 
-    def predict_files(self, paths: Sequence[str | Path]) -> list[ImageResult]:
-        """Predictions for image files; an unreadable file gets an error entry and the rest go on."""
-        loaded, results = [], []
-        for path in paths:
-            try:
-                loaded.append((str(path), load_image(str(path))))
-            except Exception as error:  # PIL raises many types for bad files
-                message = f"{type(error).__name__}: {error}"
-                logger.error("%s: cannot read image (%s)", path, message)
-                results.append(ImageResult(str(path), None, error=message))
-        predictions = self.predict([image for _, image in loaded], progress=len(loaded) > self.batch_size)
-        results += [ImageResult(path, p, *image.size) for (path, image), p in zip(loaded, predictions)]
-        order = {str(p): i for i, p in enumerate(paths)}
-        return sorted(results, key=lambda r: order[r.path])
+    def predict_files(self, paths: Iterable[str | Path], window: int | None = None) -> Iterator[ImageResult]:
+        """Results for image files, in the order given, a window of a few batches at a time.
+
+        Each image is decoded small and shrunk to the processor's size as it is read, and at most
+        ``window`` images (default: 4 batches) are held at once, so memory does not grow with the
+        number of files. A file that cannot be read gets a result with its error; the rest go on.
+        """
+        window = window or 4 * self.batch_size
+        paths = iter(paths)
+        while chunk := [str(p) for p in islice(paths, window)]:
+            results: list[ImageResult | None] = [None] * len(chunk)
+            loaded: list[tuple[int, Image.Image]] = []
+            for i, path in enumerate(chunk):
+                try:
+                    image, (width, height) = open_image(path, self.processor)
+                except ImageError as error:
+                    logger.error("%s: %s", path, error)
+                    results[i] = ImageResult(path, None, error=str(error))
+                    continue
+                loaded.append((i, image))
+                results[i] = ImageResult(path, None, width, height)
+            predictions = self.predict([image for _, image in loaded])
+            for (i, _), prediction in zip(loaded, predictions):
+                results[i].prediction = prediction  # type: ignore[union-attr]
+            yield from results  # type: ignore[misc]
 
 
 def trained_answer_format(adapter_dir: str | Path) -> str:

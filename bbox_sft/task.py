@@ -27,13 +27,29 @@ JSON_KEYS = ("x_min", "y_min", "x_max", "y_max")
 QWEN_KEY = "bbox_2d"
 
 
+def grid_values(box: tuple[float, float, float, float], top: int) -> list[int]:
+    """The box on the integer grid 0..``top``: ordered, and at least one unit wide and high.
+
+    A box thinner than the grid's unit would round to zero width; it is widened by one unit (towards
+    the inside of the image), so every answer is a box the constrained grammar can write.
+    """
+    values = [int(round(min(max(float(v), 0.0), 1.0) * top)) for v in box]
+    for lo, hi in ((0, 2), (1, 3)):
+        a, b = sorted((values[lo], values[hi]))
+        if a == b:
+            a, b = (a, b + 1) if b < top else (a - 1, b)
+        values[lo], values[hi] = a, b
+    return values
+
+
 def format_answer(box: tuple[float, float, float, float], answer_format: AnswerFormat = "json") -> str:
     """The exact answer text the model is trained to write for ``box``."""
     if answer_format == "json":
-        values = ", ".join(f'"{key}": {value:.{DECIMALS}f}' for key, value in zip(JSON_KEYS, box))
+        scale = 10**DECIMALS
+        values = ", ".join(f'"{key}": {v / scale:.{DECIMALS}f}' for key, v in zip(JSON_KEYS, grid_values(box, scale)))
         return "{" + values + "}"
     if answer_format == "qwen":
-        grid = ", ".join(str(int(round(value * QWEN_GRID))) for value in box)
+        grid = ", ".join(str(v) for v in grid_values(box, QWEN_GRID))
         return '{"' + QWEN_KEY + '": [' + grid + "]}"
     raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
 

@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bbox_sft.boxes import Box, iou, mask_to_box
+from bbox_sft.boxes import Box, box_from_pixels, iou, mask_to_box
 from bbox_sft.task import format_answer, parse_answer, quantize
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
@@ -44,11 +44,21 @@ def test_iou_known_values() -> None:
 
 @given(boxes(), st.sampled_from(["json", "qwen"]))
 def test_format_then_parse_round_trips(box: Box, answer_format: str) -> None:
-    decimals = 2 if answer_format == "json" else 3
+    unit = 0.01 if answer_format == "json" else 0.001
+    rounded = [round(v / unit) * unit for v in box]
     parsed = parse_answer(format_answer(box, answer_format))
     assert parsed is not None
-    assert parsed == pytest.approx(tuple(round(v, decimals) for v in box), abs=1e-9)
+    assert parsed.x_max - parsed.x_min >= unit - 1e-9 and parsed.y_max - parsed.y_min >= unit - 1e-9
+    if rounded[2] > rounded[0] and rounded[3] > rounded[1]:  # wide enough on the grid: just rounded
+        assert parsed == pytest.approx(rounded, abs=1e-9)
+    else:  # thinner than one unit: widened by one unit, never more
+        assert all(abs(p - r) <= unit + 1e-9 for p, r in zip(parsed, rounded))
     assert quantize(box, answer_format) == parsed
+
+
+def test_a_box_thinner_than_the_grid_is_widened_inside_the_image() -> None:
+    assert format_answer((0.5, 0.2, 0.501, 0.2)) == '{"x_min": 0.50, "y_min": 0.20, "x_max": 0.51, "y_max": 0.21}'
+    assert format_answer((1.0, 0.0, 1.0, 0.0004), "qwen") == '{"bbox_2d": [999, 0, 1000, 1]}'
 
 
 def test_answer_texts_are_exact() -> None:
@@ -171,3 +181,21 @@ def test_box_pixels_round_trip() -> None:
     box = Box(0.25, 0.5, 0.75, 1.0)
     assert box.to_pixels(400, 300) == (100, 150, 300, 300)
     assert math.isclose(box.area, 0.25)
+
+
+@given(st.integers(1, 5000), st.integers(1, 5000), st.data())
+def test_pixel_edges_of_a_box_from_pixels_are_those_pixels(width: int, height: int, data) -> None:
+    x0 = data.draw(st.integers(0, width - 1))
+    x1 = data.draw(st.integers(x0 + 1, width))
+    y0 = data.draw(st.integers(0, height - 1))
+    y1 = data.draw(st.integers(y0 + 1, height))
+    assert box_from_pixels(x0, y0, x1, y1, width, height).to_pixels(width, height) == (x0, y0, x1, y1)
+
+
+@given(boxes(), st.integers(1, 50), st.integers(1, 50))
+def test_a_non_empty_box_covers_at_least_one_pixel(box: Box, width: int, height: int) -> None:
+    x0, y0, x1, y1 = box.to_pixels(width, height)
+    assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
+    assert (x1 > x0) == (box.x_max > box.x_min) and (y1 > y0) == (box.y_max > box.y_min)
+    if box.x_max > box.x_min:  # it covers the box
+        assert x0 <= box.x_min * width + 1e-6 and x1 >= box.x_max * width - 1e-6

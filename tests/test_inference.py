@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def adapter_dir(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path_factory) -
 # --- metrics ---------------------------------------------------------------------------------
 
 
+def test_success_counts_an_iou_of_exactly_the_threshold() -> None:
+    truth = [(0.0, 0.0, 1.0, 1.0)] * 2
+    m = box_metrics([(0.0, 0.0, 0.5, 1.0), (0.0, 0.0, 0.75, 1.0)], truth)  # IoU exactly 0.5 and 0.75
+    assert m["success@0.5"] == 1.0 and m["success@0.75"] == 0.5
+
+
 def test_metrics_count_unparsed_answers_as_zero() -> None:
     truth = [(0.0, 0.0, 0.5, 0.5), (0.2, 0.2, 0.6, 0.6), (0.0, 0.0, 1.0, 1.0), (0.1, 0.1, 0.2, 0.2)]
     predicted = [(0.0, 0.0, 0.5, 0.5), (0.2, 0.2, 0.6, 0.5), None, (0.5, 0.5, 0.6, 0.6)]
@@ -88,8 +95,19 @@ def test_any_walk_through_the_grammar_is_a_valid_answer(processor, data, answer_
     while (allowed := grammar.allowed(tokens)) != [grammar.eos]:
         tokens.append(data.draw(st.sampled_from(allowed)))
         assert len(tokens) < 80
-    box = parse_answer(processor.tokenizer.decode(tokens))
-    assert box is not None and 0 <= box.x_min <= box.x_max <= 1 and 0 <= box.y_min <= box.y_max <= 1
+    # the raw text, not the parsed box: the parser clamps to [0, 1] and orders corners, which would hide a bad grammar
+    text = processor.tokenizer.decode(tokens)
+    if answer_format == "json":
+        match = re.fullmatch(r'\{"x_min": (\d\.\d\d), "y_min": (\d\.\d\d), "x_max": (\d\.\d\d), "y_max": (\d\.\d\d)\}',
+                             text)
+        top = 1.0
+    else:
+        number = r"(0|[1-9]\d{0,3})"
+        match = re.fullmatch(r'\{"bbox_2d": \[' + ", ".join([number] * 4) + r"\]\}", text)
+        top = 1000
+    assert match, text
+    x0, y0, x1, y1 = (float(v) for v in match.groups())
+    assert 0 <= x0 < x1 <= top and 0 <= y0 < y1 <= top, text  # ordered and never zero-area
 
 
 @settings(max_examples=60, deadline=None)

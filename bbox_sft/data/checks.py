@@ -1,7 +1,7 @@
 """Reading one image/mask pair: every way it can be bad is either handled or named, never raised.
 
 :func:`check_pair` is the per-file work of a dataset build (it runs in worker processes), and
-:func:`load_image` gives the pixels a record stores, so both agree on orientation and colour mode.
+:func:`~bbox_sft.images.load_image` gives the pixels a record stores, so both agree on orientation and colour mode.
 """
 
 from __future__ import annotations
@@ -11,21 +11,10 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from ..boxes import Box, BoxMode, mask_to_box
-
-EXIF_ORIENTATION = 0x0112
-# EXIF orientation -> the transpose that shows the image upright (as PIL's ImageOps.exif_transpose).
-ORIENTATION_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
+from ..images import ORIENTATION_TRANSPOSE, SIDEWAYS, load_image, orientation, processor_problem
 
 
 @dataclass
@@ -39,22 +28,6 @@ class PairCheck:
     detail: str = ""
     handled: list[str] = field(default_factory=list)
     reencode: bool = False  # stored pixels differ from the file's: re-encode instead of copying bytes
-
-
-def _orientation(image: Image.Image) -> int:
-    try:
-        return int(image.getexif().get(EXIF_ORIENTATION, 1))
-    except Exception:  # a broken EXIF block is not a broken image
-        return 1
-
-
-def load_image(path: str) -> Image.Image:
-    """The image upright and in RGB, as it is stored in the dataset."""
-    with Image.open(path) as image:
-        image.load()
-        if _orientation(image) in ORIENTATION_TRANSPOSE:
-            image = ImageOps.exif_transpose(image)
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
 
 
 def image_bytes(path: str, reencode: bool) -> bytes:
@@ -87,20 +60,29 @@ def check_pair(
         with Image.open(image_path) as image:
             image.load()  # decode fully: truncated files fail here, not during training
             width, height = image.size
-            orientation = _orientation(image)
+            transpose = ORIENTATION_TRANSPOSE.get(orientation(image))
             mode = image.mode
+            animated = getattr(image, "n_frames", 1) > 1
+    except Image.DecompressionBombError as error:
+        result.skip, result.detail = "too_many_pixels", f"over PIL's pixel limit: {error}"
+        return result
     except Exception as error:  # PIL raises many types for bad files
         result.skip, result.detail = "unreadable_image", f"{type(error).__name__}: {error}"
+        return result
+    problem = processor_problem(width, height)
+    if problem is not None:  # it would stop training or evaluation when the batch holding it comes
+        result.skip, result.detail = "processor_limit", problem
         return result
     if mode != "RGB":
         result.handled.append(f"converted_{mode}_to_RGB")
         result.reencode = True
-    transpose = ORIENTATION_TRANSPOSE.get(orientation)
+    if animated:
+        result.handled.append("animated_first_frame")
+        result.reencode = True
     if transpose is not None:
         result.handled.append("exif_rotated")
         result.reencode = True
-        if transpose in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE,
-                         Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270):
+        if transpose in SIDEWAYS:
             width, height = height, width
 
     mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)

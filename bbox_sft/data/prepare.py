@@ -59,21 +59,24 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
         )
         builder.download_and_prepare(num_proc=args.num_proc if args.num_proc > 1 else None)
         dataset = builder.as_dataset()
-        for split in SPLITS:
-            if split not in dataset:
-                logger.warning("split %r is empty: too few usable images for the requested sizes", split)
-                dataset[split] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+        empty = [split for split in SPLITS if split not in dataset]
+        for split in empty:
+            logger.warning("split %r is empty (asked for %d, %d usable images left for it)", split,
+                           builder.report["requested_sizes"][split], builder.report["split_sizes"][split])
+            dataset[split] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
         dataset = datasets.DatasetDict({split: dataset[split] for split in SPLITS})
         if output_dir.exists():
             shutil.rmtree(output_dir)
-        dataset.save_to_disk(str(output_dir))
-    report = builder.report
+        # an empty split is saved as one empty shard: ``datasets`` would write none, which cannot be loaded
+        dataset.save_to_disk(str(output_dir), num_shards={split: 1 for split in empty} or None)
+    report = {**builder.report, "empty_splits": empty}
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
     (output_dir / "README.md").write_text(dataset_card(report, DUTS_CITATION))
     logger.info(summary_line(report))
     logger.info("saved to %s (report: %s)", output_dir, output_dir / REPORT_NAME)
     if args.visualize:
-        logger.info("preview: %s", save_dataset_grid(dataset["train"], output_dir / "preview.png"))
+        shown = next((dataset[s] for s in SPLITS if len(dataset[s])), dataset["train"])
+        logger.info("preview: %s", save_dataset_grid(shown, output_dir / "preview.png"))
     if args.push_to_hub:
         push_dataset(dataset, args.push_to_hub, output_dir)
     return dataset

@@ -16,7 +16,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 MASK_SUFFIXES = {".png", ".bmp", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"}
 ARCHIVE_NAMES = ("DUTS-TR.zip", "DUTS-TE.zip")
 
@@ -68,7 +68,8 @@ class Orphan:
 def _by_stem(folder: Path, suffixes: set[str]) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith("."):
+        # a dangling link is kept, so the build names it instead of losing it without a word
+        if (path.is_file() or path.is_symlink()) and path.suffix.lower() in suffixes and not path.name.startswith("."):
             files.setdefault(path.stem, path)
     return files
 
