@@ -211,8 +211,13 @@ def generate_answers(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool = True,
+    synced_gpus: bool | None = None,
 ) -> list[Prediction]:
-    """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image."""
+    """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image.
+
+    ``synced_gpus`` (transformers' ``generate`` argument) keeps sharded ranks stepping together
+    until all are done; None lets transformers decide.
+    """
     tokenizer = processor.tokenizer
     grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
@@ -244,6 +249,7 @@ def generate_answers(
                 output_logits=True,
                 eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                 pad_token_id=tokenizer.pad_token_id,
+                synced_gpus=synced_gpus,
             )
             written = out.sequences[:, prompt_length:]
             confidences = _confidences(out.logits, written, digit_ids.to(written.device))

@@ -8,7 +8,8 @@ and ``eval_parse_rate`` to the metrics *before* they are logged. So ``report_to`
 see them unchanged. (A ``TrainerCallback.on_evaluate`` runs after the Trainer has logged, which is
 why this hooks ``evaluation_loop`` instead.)
 
-Under DDP each rank generates its shard of the subset; the boxes are gathered once and every rank
+Under DDP, FSDP and ZeRO-3 each rank generates an equal-size shard of the subset (under TRL's
+``unwrap_model_for_generation``); the boxes are gathered once, put back in order, and every rank
 computes the same metrics. A PNG grid of predictions (truth green, prediction red) is written per
 evaluation under ``output_dir/validation/``.
 """
@@ -23,6 +24,7 @@ from typing import Any
 from accelerate.utils import gather_object
 from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import SFTTrainer
+from trl.models import unwrap_model_for_generation
 
 from .decoding import generate_answers
 from .hub import write_model_card
@@ -75,23 +77,32 @@ class BoxSFTTrainer(SFTTrainer):
         return output
 
     def generate_box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
-        """Generate on this rank's shard of the subset, gather, score; write the grid on the main process."""
+        """Generate on this rank's shard of the subset, gather, score; write the grid on the main process.
+
+        Every rank gets a shard of the same size (the last ones padded with repeats, dropped after the
+        gather) and generates under TRL's ``unwrap_model_for_generation``: under FSDP or ZeRO-3 every
+        rank must take part in every forward pass, so equal shards and ``synced_gpus`` keep them in step.
+        """
         n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        shard = list(range(rank, n, world))
-        rows = dataset.select(shard)
-        model = self.accelerator.unwrap_model(self.model)
-        predictions = generate_answers(
-            model,
-            self.processing_class,
-            list(rows["image"]),
-            answer_format=self.answer_format,
-            constrained=self.constrained_decoding,
-            batch_size=self.args.per_device_eval_batch_size,
-            progress=self.accelerator.is_main_process,
-        )
-        mine = [(i, p.box, p.raw) for i, p in zip(shard, predictions)]
+        shard, padded = equal_shard(n, rank, world)
+        rows = dataset.select(padded)
+        sharded = world > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+            predictions = generate_answers(
+                model,
+                self.processing_class,
+                list(rows["image"]),
+                answer_format=self.answer_format,
+                constrained=self.constrained_decoding,
+                batch_size=self.args.per_device_eval_batch_size,
+                progress=self.accelerator.is_main_process,
+                synced_gpus=sharded,
+            )
+        mine = [(i, p.box, p.raw) for i, p in zip(shard, predictions)]  # the padding is left out here
         gathered = sorted(gather_object(mine)) if world > 1 else mine
+        if [i for i, _, _ in gathered] != list(range(n)):
+            raise RuntimeError(f"validation gathered answers for {[i for i, _, _ in gathered]}, expected 0..{n - 1}")
         boxes = [box for _, box, _ in gathered]
         references = dataset.select(range(n))["box"]
         metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
@@ -123,6 +134,17 @@ class BoxSFTTrainer(SFTTrainer):
             answer_format=self.answer_format,
             hub_model_id=self.args.hub_model_id,
         )
+
+
+def equal_shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:
+    """(this rank's indices of 0..n-1, the same padded to the common shard size with repeats of its last index).
+
+    Contiguous shards of ``ceil(n / world)``; a rank left with nothing repeats index 0 (n = 0: no work).
+    """
+    size = -(-n // world)
+    shard = list(range(rank * size, min(n, (rank + 1) * size)))
+    filler = shard[-1] if shard else 0
+    return shard, (shard + [filler] * (size - len(shard))) if n else []
 
 
 CALLBACKS = {
