@@ -81,6 +81,8 @@ def write_model_card(
     metrics: dict[str, Any],
     answer_format: str = "json",
     hub_model_id: str | None = None,
+    metrics_source: str = "last evaluation",
+    test_metrics: dict[str, Any] | None = None,
 ) -> Path:
     """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
     output_dir = Path(output_dir)
@@ -89,6 +91,15 @@ def write_model_card(
     shown = ("loss", "mean_iou", "median_iou", "success@0.5", "success@0.75", "parse_rate")
     scores = {k: metrics[f"eval_{k}"] for k in shown if f"eval_{k}" in metrics}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float))
+    tests = {k: test_metrics[f"test_{k}"] for k in shown if f"test_{k}" in (test_metrics or {})}
+    test_rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in tests.items() if isinstance(v, float))
+    test_section = f"""
+## Test split (after training)
+
+| metric | value |
+|---|---|
+{test_rows}
+""" if test_rows else ""
     meta = ["---", f"base_model: {base_model}" if base_model else None,
             "library_name: peft" if is_adapter else "library_name: transformers",
             f"datasets:\n- {dataset_name}" if dataset_name and "/" in dataset_name and not Path(dataset_name).exists()
@@ -127,12 +138,12 @@ Finds the main subject of an image and answers with its bounding box
 
 {usage}
 
-## Validation (generation-based, last evaluation)
+## Validation (generation-based; {metrics_source})
 
 | metric | value |
 |---|---|
 {rows or "| (no evaluation ran) | |"}
-"""
+{test_section}"""
     path = output_dir / "README.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(card)

@@ -10,11 +10,15 @@ Qwen2/3-VL image processors.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from peft import LoraConfig
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from trl import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -88,47 +92,106 @@ def load_processor(model_name_or_path: str, min_side: int | None = None, max_sid
     return processor
 
 
-def quantization_config(load_in_4bit: bool, dtype: torch.dtype, device: str, double_quant: bool = True):
-    """bitsandbytes nf4 config for QLoRA; refused off CUDA with the reason."""
-    if not load_in_4bit:
-        return None
-    if device != "cuda":
-        raise ValueError(
-            f"QLoRA (load_in_4bit) needs a CUDA GPU; this machine runs on {device}. "
-            "Use plain LoRA (set load_in_4bit: false), which fits a 2B model on CPU and Apple silicon."
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-        from transformers import BitsAndBytesConfig
-    except ImportError as error:
-        raise ValueError("QLoRA needs bitsandbytes: pip install 'bbox-sft[qlora]'") from error
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=dtype,
-    )
+# ModelConfig fields that only mean something with LoRA (use_peft) or with 4-bit loading.
+LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
+               "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")
+FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
+
+
+def _changed(model_args: ModelConfig, name: str) -> bool:
+    default = next(f for f in fields(ModelConfig) if f.name == name).default
+    return getattr(model_args, name) != default
+
+
+def check_model_args(model_args: ModelConfig, setup: DeviceSetup, train_vision_tower: bool = False) -> None:
+    """Refuse, naming the field and why, every ``ModelConfig`` setting that cannot take effect here.
+
+    Runs before anything is loaded or written, so a recipe never trains with a setting silently dropped.
+    """
+    quantized = next((f for f in ("load_in_4bit", "load_in_8bit") if getattr(model_args, f)), None)
+    if quantized:
+        if setup.device != "cuda":
+            raise ValueError(
+                f"{quantized} (QLoRA) needs a CUDA GPU for bitsandbytes; this machine runs on {setup.device}. Use "
+                f"plain LoRA ({quantized}: false), which fits a 2B model on CPU and Apple silicon."
+            )
+        if not model_args.use_peft:
+            raise ValueError(f"{quantized} needs use_peft: true: quantized weights cannot be fine-tuned fully")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as error:
+            raise ValueError(f"{quantized} needs bitsandbytes: pip install 'bbox-sft[qlora]'") from error
+    if not model_args.load_in_4bit:
+        for name in FOUR_BIT_FIELDS:
+            if _changed(model_args, name):
+                raise ValueError(f"{name} is set, but load_in_4bit is false: it would change nothing")
+    if not model_args.use_peft:
+        for name in LORA_FIELDS:
+            if _changed(model_args, name):
+                raise ValueError(f"{name} is set, but use_peft is false: LoRA fields apply to LoRA training only")
+    if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:
+        raise ValueError(f"lora_target_parameters needs lora_dropout: 0 (peft cannot apply dropout to LoRA on "
+                         f"parameters); lora_dropout is {model_args.lora_dropout}")
+    if model_args.lora_task_type != "CAUSAL_LM":
+        raise ValueError(f"lora_task_type {model_args.lora_task_type!r}: the model generates its answer, which "
+                         "only CAUSAL_LM adapters do")
+    if model_args.use_peft and train_vision_tower and model_args.lora_target_modules is not None:
+        raise ValueError("train_vision_tower adds the vision blocks to the default LoRA targets; with "
+                         "lora_target_modules set, name the vision modules there yourself (and leave "
+                         "train_vision_tower false)")
+    if _changed(model_args, "model_revision") and Path(model_args.model_name_or_path or "").exists():
+        raise ValueError(f"model_revision {model_args.model_revision!r} applies to Hub ids, but "
+                         f"{model_args.model_name_or_path} is a local folder")
+
+
+def quantization_config(model_args: ModelConfig):
+    """TRL's ``get_quantization_config`` (4-bit quant type, nested quant, storage dtype; or 8-bit), or None."""
+    from trl import get_quantization_config
+
+    return get_quantization_config(model_args)
 
 
 def load_model(
     model_name_or_path: str,
     setup: DeviceSetup | None = None,
-    load_in_4bit: bool = False,
+    quantization=None,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> PreTrainedModel:
-    """Qwen3-VL (any ``AutoModelForImageTextToText``) from a Hub id or a local folder."""
+    """Qwen3-VL (any ``AutoModelForImageTextToText``) from a Hub id or a local folder.
+
+    A quantized model is placed on this process's GPU (``{"": local rank}``, as TRL's scripts do).
+    """
     setup = setup or detect_device()
-    quant = quantization_config(load_in_4bit, setup.dtype, setup.device)
-    model = AutoModelForImageTextToText.from_pretrained(
+    return AutoModelForImageTextToText.from_pretrained(
         model_name_or_path,
         revision=revision,
-        dtype=setup.dtype,
+        dtype=dtype or setup.dtype,
         attn_implementation=attn_implementation or setup.attn_implementation,
-        quantization_config=quant,
-        device_map={"": torch.cuda.current_device()} if quant is not None else None,
+        quantization_config=quantization,
+        device_map={"": PartialState().local_process_index} if quantization is not None else None,
     )
-    return model
+
+
+# Model families whose pretrained grounding format is ``{"bbox_2d": [...]}`` on a 0-1000 grid.
+QWEN_GRID_FAMILIES = ("qwen3_vl", "qwen3_vl_moe")
+QWEN_PIXEL_FAMILIES = ("qwen2_5_vl",)  # bbox_2d in absolute pixels of the resized image
+
+
+def check_answer_format(model_name_or_path: str, answer_format: str, revision: str | None = None) -> None:
+    """The qwen answer format is Qwen3-VL's 0-1000 grid: refused on Qwen2.5-VL (pixels), warned about elsewhere."""
+    if answer_format != "qwen":
+        return
+    from transformers import AutoConfig
+
+    family = AutoConfig.from_pretrained(model_name_or_path, revision=revision).model_type
+    if family in QWEN_PIXEL_FAMILIES:
+        raise ValueError(f"answer_format 'qwen' writes bbox_2d on Qwen3-VL's 0-1000 grid, but {model_name_or_path} "
+                         f"is {family}, which grounds in absolute pixels: use answer_format json")
+    if family not in QWEN_GRID_FAMILIES:
+        logger.warning("answer_format 'qwen' is Qwen3-VL's 0-1000 grounding format; %s is %s, which was not "
+                       "pretrained on it (json may learn faster)", model_name_or_path, family)
 
 
 def set_trainable(model: PreTrainedModel, train_vision_tower: bool, train_merger: bool) -> None:
@@ -139,32 +202,27 @@ def set_trainable(model: PreTrainedModel, train_vision_tower: bool, train_merger
         parameter.requires_grad = train_merger if is_merger else train_vision_tower
 
 
-def lora_config(
-    r: int,
-    alpha: int,
-    dropout: float,
-    target_modules: list[str] | str | None = None,
-    train_vision_tower: bool = False,
-    train_merger: bool = False,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-) -> LoraConfig:
-    """LoRA on the language model's linear layers; optionally the vision blocks; merger fully trained if asked."""
-    if target_modules is None:
-        target_modules = LANGUAGE_LORA_TARGETS
+def lora_config(model_args: ModelConfig, train_vision_tower: bool = False, train_merger: bool = False) -> LoraConfig:
+    """TRL's ``get_peft_config`` (every LoRA field of ``ModelConfig``) with our defaults layered on top.
+
+    Without ``lora_target_modules`` LoRA goes on the language model's linear layers (and the vision
+    blocks with ``train_vision_tower``), not peft's ``all-linear``; ``train_merger`` adds the merger
+    to ``lora_modules_to_save``.
+    """
+    from trl import get_peft_config
+
+    config = get_peft_config(model_args)
+    targets = model_args.lora_target_modules
+    if isinstance(targets, str) and targets != "all-linear" and re.fullmatch(r"[\w.]+", targets):
+        # TRL turns a one-name list into that name, which peft reads as a regex over full module paths
+        config.target_modules = {targets}
+    if targets is None:
+        config.target_modules = LANGUAGE_LORA_TARGETS
         if train_vision_tower:
-            target_modules = f"({LANGUAGE_LORA_TARGETS})|({VISION_LORA_TARGETS})"
-    return LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=target_modules,
-        modules_to_save=MERGER_MODULES if train_merger else None,
-        bias="none",
-        task_type="CAUSAL_LM",
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-    )
+            config.target_modules = f"({LANGUAGE_LORA_TARGETS})|({VISION_LORA_TARGETS})"
+    if train_merger:
+        config.modules_to_save = sorted({*(config.modules_to_save or []), *MERGER_MODULES})
+    return config
 
 
 def describe_trainable(model: torch.nn.Module) -> str:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -34,6 +34,8 @@ from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
+    check_answer_format,
+    check_model_args,
     describe_trainable,
     detect_device,
     load_model,
@@ -48,7 +50,8 @@ from bbox_sft.validation import BoxSFTTrainer, make_callbacks
 logger = logging.getLogger("bbox_sft.train")
 
 
-def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> BoxSFTTrainer:
+def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> BoxSFTTrainer:
+    """Every stage up to a ready trainer: checks, last checkpoint, model, processor, dataset, trainer."""
     ################
     # Logging
     ################
@@ -61,15 +64,21 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         logging.getLogger(name).setLevel(log_level)
     datasets.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.set_verbosity(log_level)
+    logger.info("Script parameters %s", script_args)
+    logger.info("Training parameters %s", training_args)
+    logger.info("Model parameters %s", model_args)
 
     ################
-    # Device and precision: derived from the hardware, checked before anything is written
+    # Every setting takes effect or is refused, before anything is loaded or written
     ################
     setup = detect_device()
-    quantization_config(model_args.load_in_4bit, setup.dtype, setup.device)  # refuses QLoRA off CUDA
-    if model_args.dtype not in (None, "auto"):
-        setup = replace(setup, dtype=getattr(torch, model_args.dtype))  # an explicit recipe dtype wins
-    logger.info("device %s, dtype %s, attention %s", setup.device, setup.dtype, setup.attn_implementation)
+    check_model_args(model_args, setup, script_args.train_vision_tower)
+    if training_args.remove_unused_columns:
+        raise ValueError("remove_unused_columns must be false: the collator reads the image, prompt and "
+                         "completion columns")
+    dtype = setup.dtype if model_args.dtype is None else model_args.dtype
+    dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    logger.info("device %s, dtype %s, attention %s", setup.device, dtype, setup.attn_implementation)
 
     ################
     # Last checkpoint
@@ -92,28 +101,21 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
                 from bbox_sft.testing import save_tiny_model
 
                 save_tiny_model(model_path, script_args.tiny_hidden_size, script_args.tiny_layers, training_args.seed)
+    check_answer_format(model_path, script_args.answer_format, model_args.model_revision)
     processor = load_processor(
         model_path, script_args.image_min_side, script_args.image_max_side, revision=model_args.model_revision
     )
     model = load_model(
         model_path,
         setup,
-        load_in_4bit=model_args.load_in_4bit,
+        quantization=quantization_config(model_args),
         attn_implementation=model_args.attn_implementation,
         revision=model_args.model_revision,
+        dtype=dtype,
     )
     peft_config = None
     if model_args.use_peft:
-        peft_config = lora_config(
-            r=model_args.lora_r,
-            alpha=model_args.lora_alpha,
-            dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            train_vision_tower=script_args.train_vision_tower,
-            train_merger=script_args.train_merger,
-            use_rslora=model_args.use_rslora,
-            use_dora=model_args.use_dora,
-        )
+        peft_config = lora_config(model_args, script_args.train_vision_tower, script_args.train_merger)
     else:
         set_trainable(model, script_args.train_vision_tower, script_args.train_merger)
 
@@ -133,16 +135,23 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
             box_mode=script_args.box_mode,
             answer_format=script_args.answer_format,
         )
+    for split in (script_args.dataset_train_split, script_args.dataset_test_split):
+        if split not in dataset or (split == script_args.dataset_train_split and len(dataset[split]) == 0):
+            raise ValueError(f"{script_args.dataset_name}: split {split!r} is missing or empty "
+                             f"({ {name: len(d) for name, d in dataset.items()} })")
     dataset = with_answer_format(dataset, script_args.answer_format)
     dataset = datasets.DatasetDict({name: add_lengths(split, processor) for name, split in dataset.items()})
+    longest = max(max(split["length"], default=0) for split in dataset.values())
+    if training_args.max_length is not None and longest > training_args.max_length:
+        raise ValueError(f"max_length {training_args.max_length} is shorter than the longest record ({longest} "
+                         "tokens): nothing is ever truncated here (that would cut image tokens or the answer). "
+                         "Raise max_length, set it to null, or lower image_max_side.")
     eval_dataset = dataset[script_args.dataset_test_split] if training_args.eval_strategy != "no" else None
 
     ################
     # Trainer
     ################
-    training_args.remove_unused_columns = False  # the collator reads image, prompt and completion
-    training_args.max_length = None  # never truncate image tokens or the answer
-    trainer = BoxSFTTrainer(
+    return BoxSFTTrainer(
         model=model,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
@@ -155,7 +164,12 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         answer_format=script_args.answer_format,
         constrained_decoding=script_args.constrained_decoding,
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
+        final_eval_dataset=dataset.get("test"),
     )
+
+
+def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: ModelConfig) -> BoxSFTTrainer:
+    trainer = build_trainer(script_args, training_args, model_args)
     logger.info(describe_trainable(trainer.model))
 
     ################
@@ -163,22 +177,36 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     ################
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = train_result.metrics
-    metrics["train_samples"] = len(dataset[script_args.dataset_train_split])
+    metrics["train_samples"] = len(trainer.train_dataset)
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()
 
     ################
-    # Save model and create model card
+    # Save model
     ################
     trainer.model.config.use_cache = True
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
         args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
         args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format for predict/eval
-        trainer.create_model_card(dataset_name=script_args.dataset_name)
     logger.info("model saved to %s", training_args.output_dir)
+
+    ################
+    # Evaluate on the test split (box metrics into all_results.json), then the model card
+    ################
+    if training_args.do_eval:
+        test = trainer.final_eval_dataset
+        if test is None or len(test) == 0:
+            raise ValueError(f"do_eval: {script_args.dataset_name} has no test split to evaluate")
+        metrics = trainer.evaluate(test, metric_key_prefix="test")
+        metrics["test_samples"] = len(test)
+        trainer.log_metrics("test", metrics)
+        trainer.save_metrics("test", metrics)
+    if trainer.accelerator.is_main_process:
+        trainer.create_model_card(dataset_name=script_args.dataset_name)
 
     ################
     # Push to the Hub
@@ -209,8 +237,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[BoxScriptArguments, SFTCo
     parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig))
     # SFTConfig defaults to bf16 and refuses it without a GPU: default the precision to the device's
     # instead (a recipe or the command line can still set bf16/fp16 explicitly).
+    # Likewise the model's dtype (TRL defaults it to float32) follows the device, and the collator needs
+    # the image/prompt/completion columns that TRL would otherwise remove.
     setup = detect_device()
-    parser.set_defaults_with_config(bf16=setup.bf16, fp16=setup.fp16)
+    parser.set_defaults_with_config(bf16=setup.bf16, fp16=setup.fp16, dtype=str(setup.dtype).removeprefix("torch."),
+                                    remove_unused_columns=False)
     return parser.parse_args_and_config(args=argv)
 
 

@@ -52,9 +52,11 @@ class BoxSFTTrainer(SFTTrainer):
         constrained_decoding: bool = True,
         grid_images: int = 16,
         card_info: dict[str, Any] | None = None,
+        final_eval_dataset=None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.final_eval_dataset = final_eval_dataset  # the test split, for do_eval after training
         self.box_eval_samples = box_eval_samples
         self.answer_format = answer_format
         self.constrained_decoding = constrained_decoding
@@ -70,7 +72,7 @@ class BoxSFTTrainer(SFTTrainer):
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
                                          metric_key_prefix)
         dataset = getattr(self, "_box_target", None)
-        if dataset is not None and self.box_eval_samples >= 0 and metric_key_prefix.startswith("eval"):
+        if dataset is not None and self.box_eval_samples >= 0 and metric_key_prefix.startswith(("eval", "test")):
             if isinstance(dataset, dict):  # several eval sets: the Trainer evaluates them one by one
                 dataset = dataset[metric_key_prefix.removeprefix("eval_")]
             output.metrics.update(self.generate_box_metrics(dataset, metric_key_prefix))
@@ -122,18 +124,37 @@ class BoxSFTTrainer(SFTTrainer):
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, **kwargs: Any) -> None:
-        """Our card (base model, peft, datasets, the last box metrics, a peft usage snippet), not TRL's."""
+        """Our card (base model, peft, datasets, box metrics of the saved model, a peft usage snippet), not TRL's."""
         if not self.is_world_process_zero():
             return
-        eval_logs = [e for e in self.state.log_history if any(k.endswith("mean_iou") for k in e)]
+        metrics, source = self.saved_model_metrics()
+        tests = [e for e in self.state.log_history if "test_mean_iou" in e]
         write_model_card(
             self.args.output_dir,
             base_model=self.card_info.get("base_model") or getattr(self.model.config, "_name_or_path", None),
             dataset_name=dataset_name or self.card_info.get("dataset_name"),
-            metrics=eval_logs[-1] if eval_logs else {},
+            metrics=metrics,
+            metrics_source=source,
+            test_metrics=tests[-1] if tests else None,
             answer_format=self.answer_format,
             hub_model_id=self.args.hub_model_id,
         )
+
+    def saved_model_metrics(self) -> tuple[dict[str, Any], str]:
+        """The validation metrics of the model that was saved, and which evaluation they come from.
+
+        With ``load_best_model_at_end`` that is the best checkpoint's evaluation, not the last one.
+        """
+        evals = [e for e in self.state.log_history if "eval_mean_iou" in e]
+        best = self.state.best_model_checkpoint
+        if self.args.load_best_model_at_end and best:
+            step = int(Path(best).name.rsplit("-", 1)[-1])
+            chosen = [e for e in evals if e.get("step") == step]
+            if chosen:
+                return chosen[-1], f"best checkpoint, step {step}, by {self.args.metric_for_best_model}"
+        if evals:
+            return evals[-1], f"last evaluation, step {evals[-1].get('step')}"
+        return {}, "no evaluation ran"
 
 
 def equal_shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:

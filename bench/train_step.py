@@ -26,6 +26,7 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import RandomSampler  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
+from trl import ModelConfig  # noqa: E402
 
 from bbox_sft.collator import BoxSFTCollator  # noqa: E402
 from bbox_sft.model import describe_trainable, lora_config, set_pixel_budget  # noqa: E402
@@ -94,9 +95,9 @@ def two_b() -> None:
     print(f"parameters: {parameters:,} (published {QWEN3_VL_2B_PARAMETERS:,}: "
           f"{'equal' if parameters == QWEN3_VL_2B_PARAMETERS else 'DIFFERENT'}); built in "
           f"{time.perf_counter() - start:.0f} s, dtype {dtype}")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
-    model = get_peft_model(model, lora_config(r=16, alpha=32, dropout=0.05))
+    model = get_peft_model(model, lora_config(ModelConfig(use_peft=True, lora_r=16, lora_alpha=32, lora_dropout=0.05)))
     print(describe_trainable(model))
 
     import numpy as np

@@ -188,7 +188,7 @@ def test_killed_run_resumes_and_continues_its_loss_curve(tiny_model_dir: Path, b
         (["--not_a_field", "1"], "not_a_field"),
         (["--dataset_name", "data/no_such_dataset", "--data_dir", "data/no_such_images", "--synthetic_images", "0"],
          "data_dir data/no_such_images does not exist"),
-        (["--use_peft", "true", "--load_in_4bit", "true"], "QLoRA (load_in_4bit) needs a CUDA GPU"),
+        (["--use_peft", "true", "--load_in_4bit", "true"], "load_in_4bit (QLoRA) needs a CUDA GPU"),
     ],
     ids=["unknown-key", "missing-dataset", "qlora-on-cpu"],
 )
