@@ -1,5 +1,6 @@
 """The ``bbox-sft`` command: one sub-command per stage, each a dataclass parsed by ``HfArgumentParser``.
 
+    bbox-sft train    recipes/qwen3vl_lora.yaml [--field value ...]
     bbox-sft synth    --output_dir data/synth --n 300
     bbox-sft prepare  --data_dir data/synth --output_dir data/saliency [--visualize]
     bbox-sft prepare  --download_help
@@ -165,7 +166,29 @@ def _push(argv: list[str]) -> int:
     return 0
 
 
+def _train(argv: list[str]) -> int:
+    """``bbox-sft train [accelerate options] RECIPE.yaml [--field value ...]``: train.py under ``accelerate launch``.
+
+    Everything before the recipe goes to ``accelerate launch`` (``--config_file``, ``--num_processes``,
+    ``--cpu`` ...), everything after it to the training script, as TRL's ``trl sft`` does.
+    """
+    from pathlib import Path
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    recipe = next((i for i, a in enumerate(argv) if a.endswith((".yaml", ".yml")) and not
+                   (i and argv[i - 1] == "--config_file")), None)
+    if recipe is None:
+        raise ValueError("usage: bbox-sft train [accelerate launch options] RECIPE.yaml [--field value ...]")
+    if not Path(argv[recipe]).is_file():
+        raise FileNotFoundError(f"recipe {argv[recipe]} does not exist")
+    script = str(Path(__file__).with_name("train.py"))
+    launch_command(launch_command_parser().parse_args([*argv[:recipe], script, *argv[recipe:]]))
+    return 0
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "train": (_train, "train with a recipe under accelerate launch (same as accelerate launch bbox_sft/train.py)"),
     "synth": (_synth, "write a synthetic saliency set in the DUTS layout"),
     "prepare": (_prepare, "build the box dataset from images + masks (DUTS or any saliency set)"),
     "eval": (_eval, "score an adapter, its base model and the center prior on a split"),

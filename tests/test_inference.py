@@ -163,7 +163,10 @@ def test_validation_logs_box_metrics_and_best_checkpoint_follows_mean_iou(tiny_m
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
         "step-000010.png", "step-000020.png", "step-000030.png"]
     card = (out / "README.md").read_text()
-    assert "mean_iou" in card and "base_model:" in card
+    assert "base_model:" in card
+    # the card describes the saved model: the best checkpoint's evaluation, not the last one
+    assert f"best checkpoint, step {best['step']}, by eval_mean_iou" in card
+    assert f"| mean_iou | {best['eval_mean_iou']:.4f} |" in card
 
 
 # --- predict, eval, merge, plain peft ---------------------------------------------------------

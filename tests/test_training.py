@@ -142,6 +142,32 @@ def test_equal_shards_cover_every_index_once(n: int, world: int) -> None:
         assert padded[: len(shard)] == shard and set(padded) <= set(range(max(n, 1)))
 
 
+def test_bbox_sft_train_runs_under_accelerate_and_evaluates_the_test_split(tiny_model_dir: Path,
+                                                                            box_dataset_dir: Path,
+                                                                            tmp_path: Path) -> None:
+    out = tmp_path / "cli"
+    bbox_sft = str(Path(sys.executable).parent / "bbox-sft")
+    result = _run([bbox_sft, "train", "--cpu", "--num_processes", "1",
+                   *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--max_steps", "2",
+                          "--do_eval", "true", "--box_eval_samples", "0", "--log_level", "info")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Model parameters ModelConfig(" in result.stdout + result.stderr  # the arguments are logged at start
+    results = json.loads((out / "all_results.json").read_text())
+    test_size = len(__import__("datasets").load_from_disk(str(box_dataset_dir))["test"])
+    assert results["test_samples"] == test_size
+    for name in ("test_loss", "test_mean_iou", "test_success@0.5", "test_parse_rate"):
+        assert name in results, name
+    assert results["test_parse_rate"] == 1.0
+    card = (out / "README.md").read_text()
+    assert "## Test split (after training)" in card and f"| mean_iou | {results['test_mean_iou']:.4f} |" in card
+
+
+def test_bbox_sft_train_without_a_recipe_says_how(capsys) -> None:
+    from bbox_sft.cli import main as cli
+
+    assert cli(["train", "--cpu"]) == 2
+
+
 KILLED_AFTER_FIRST_SAVE = """
 import os, signal, sys
 from transformers import TrainerCallback
