@@ -197,10 +197,11 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     ################
     # Evaluate on the test split (box metrics into all_results.json), then the model card
     ################
-    if training_args.do_eval:
-        test = trainer.final_eval_dataset
-        if test is None or len(test) == 0:
-            raise ValueError(f"do_eval: {script_args.dataset_name} has no test split to evaluate")
+    # (transformers sets do_eval by itself whenever eval_strategy is not "no")
+    test = trainer.final_eval_dataset
+    if training_args.do_eval and (test is None or len(test) == 0):
+        logger.warning("do_eval: %s has no test split; the final test evaluation is skipped", script_args.dataset_name)
+    elif training_args.do_eval:
         metrics = trainer.evaluate(test, metric_key_prefix="test")
         metrics["test_samples"] = len(test)
         trainer.log_metrics("test", metrics)

@@ -109,16 +109,18 @@ class BoxSFTTrainer(SFTTrainer):
         references = dataset.select(range(n))["box"]
         metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
         if self.accelerator.is_main_process:
-            self._write_grid(dataset, gathered, metrics)
+            self._write_grid(dataset, gathered, metrics, prefix)
         return metrics
 
-    def _write_grid(self, dataset, gathered: list, metrics: dict[str, float]) -> None:
+    def _write_grid(self, dataset, gathered: list, metrics: dict[str, float], prefix: str = "eval") -> None:
         folder = Path(self.args.output_dir) / "validation"
         step = self.state.global_step
         shown = dataset.select(range(min(self.grid_images, len(gathered))))
         items = [(r["image"], r["box"], box, None) for r, (_, box, _) in zip(shown, gathered)]
-        save_box_grid(items, folder / f"step-{step:06d}.png")
-        record = {"step": step, **metrics, "answers": [raw for _, _, raw in gathered[: self.grid_images]]}
+        name = f"step-{step:06d}.png" if prefix == "eval" else f"{prefix}-step-{step:06d}.png"
+        save_box_grid(items, folder / name)
+        record = {"step": step, "split": prefix, **metrics,
+                  "answers": [raw for _, _, raw in gathered[: self.grid_images]]}
         with open(folder / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
