@@ -161,7 +161,7 @@ def test_validation_logs_box_metrics_and_best_checkpoint_follows_mean_iou(tiny_m
     assert trainer.state.best_metric == pytest.approx(best["eval_mean_iou"])
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['step']}")
     assert sorted(p.name for p in (out / "validation").glob("*.png")) == [
-        "step-000010.png", "step-000020.png", "step-000030.png"]
+        "step-000010.png", "step-000020.png", "step-000030.png", "test-step-000030.png"]  # then the test split
     card = (out / "README.md").read_text()
     assert "base_model:" in card
     # the card describes the saved model: the best checkpoint's evaluation, not the last one
