@@ -40,3 +40,15 @@ def box_dataset_dir(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactor
     prepare_dataset(PrepareArguments(data_dir=str(synthetic_dir), output_dir=str(out),
                                      train_size=40, val_size=10, test_size=10))
     return out
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir: Path):
+    """The tiny model's processor at the demo's pixel budget (128²..160² px); read-only in tests."""
+    from transformers import AutoProcessor
+
+    from bbox_sft.model import set_pixel_budget
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    set_pixel_budget(processor, 128, 160)
+    return processor

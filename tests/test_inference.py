@@ -17,13 +17,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 import bbox_sft.metrics
 from bbox_sft.cli import main as cli
 from bbox_sft.decoding import AnswerGrammar, generate_answers
 from bbox_sft.metrics import box_metrics
-from bbox_sft.model import set_pixel_budget
 from bbox_sft.task import format_answer, parse_answer
 from bbox_sft.train import main as train
 from bbox_sft.train import parse_args
@@ -78,13 +77,6 @@ def test_evaluate_wrapper_gives_the_same_numbers() -> None:
 
 
 # --- constrained decoding --------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir: Path):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    set_pixel_budget(processor, 128, 160)
-    return processor
 
 
 @settings(max_examples=60, deadline=None)

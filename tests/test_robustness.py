@@ -19,7 +19,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoProcessor
 
 from bbox_sft.boxes import Box, mask_to_box
 from bbox_sft.cli import main as cli
@@ -33,15 +32,6 @@ from bbox_sft.images import (
     target_size,
     to_rgb,
 )
-from bbox_sft.model import set_pixel_budget
-
-
-@pytest.fixture(scope="module")
-def processor(tiny_model_dir: Path):
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    set_pixel_budget(processor, 128, 160)
-    return processor
-
 
 # --- the letterbox --------------------------------------------------------------------------
 
@@ -176,7 +166,8 @@ def test_predict_answers_every_decodable_image_and_names_the_rest(tiny_model_dir
 
 
 @pytest.mark.slow
-def test_a_padded_panorama_gets_the_box_of_its_subject_back_in_its_own_frame(tiny_model_dir: Path) -> None:
+def test_a_padded_panorama_gets_the_box_of_its_subject_back_in_its_own_frame(tiny_model_dir: Path,
+                                                                            processor) -> None:
     """Generation on a padded image, mapped back, equals generating on the padded image by hand and mapping."""
     from transformers import AutoModelForImageTextToText
 
@@ -184,8 +175,6 @@ def test_a_padded_panorama_gets_the_box_of_its_subject_back_in_its_own_frame(tin
     from bbox_sft.task import parse_answer
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    set_pixel_budget(processor, 128, 160)
     panorama = np.full((20, 8000, 3), 30, np.uint8)
     panorama[5:15, 3000:3400] = 240
     image = Image.fromarray(panorama)
