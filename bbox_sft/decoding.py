@@ -223,7 +223,7 @@ def generate_answers(
     digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
     text = prompt_text(processor)
     fitted = [pad_to_aspect_ratio(image) for image in images]  # shapes the processor refuses, padded
-    order = sorted(range(len(images)), key=lambda i: images[i].size[0] * images[i].size[1])
+    order = sorted(range(len(images)), key=lambda i: fitted[i][0].size[0] * fitted[i][0].size[1])
     results: list[Prediction | None] = [None] * len(images)
     was_training = model.training
     model.eval()

@@ -65,8 +65,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        if image.mode == "F" and values.max() <= 1.0:
-            top = 1.0
         grey = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
@@ -171,7 +169,7 @@ def open_image(source: str | Path | bytes | BinaryIO, processor=None) -> tuple[I
             if turn is not None:
                 image = image.transpose(turn)
             image = to_rgb(image)
-            if shrink and not _already_padded_ratio(width, height):
+            if shrink and not needs_padding(width, height):
                 image = image.resize(target, Image.Resampling.BICUBIC)
             elif shrink:  # extreme ratios: keep the shape, the processor resizes after padding
                 scale = math.sqrt(target[0] * target[1] / (width * height))
@@ -186,7 +184,8 @@ def open_image(source: str | Path | bytes | BinaryIO, processor=None) -> tuple[I
         raise ImageError("unreadable_image", f"{type(error).__name__}: {error}") from error
 
 
-def _already_padded_ratio(width: int, height: int) -> bool:
+def needs_padding(width: int, height: int) -> bool:
+    """Whether the processor would refuse this shape (aspect ratio over :data:`MAX_ASPECT_RATIO`)."""
     return padded_size(width, height) != (width, height)
 
 
@@ -197,7 +196,7 @@ def load_image(path: str | Path) -> Image.Image:
 
 def processor_problem(width: int, height: int) -> str | None:
     """Why a Qwen2/3-VL processor would refuse an image of this size, or None."""
-    ratio = max(width, height) / max(min(width, height), 1)
-    if ratio > MAX_ASPECT_RATIO:
+    if needs_padding(width, height):
+        ratio = max(width, height) / min(width, height)
         return f"aspect ratio {ratio:.0f}:1 is over the processor's {MAX_ASPECT_RATIO}:1"
     return None

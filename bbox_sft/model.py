@@ -144,13 +144,6 @@ def check_model_args(model_args: ModelConfig, setup: DeviceSetup, train_vision_t
                          f"{model_args.model_name_or_path} is a local folder")
 
 
-def quantization_config(model_args: ModelConfig):
-    """TRL's ``get_quantization_config`` (4-bit quant type, nested quant, storage dtype; or 8-bit), or None."""
-    from trl import get_quantization_config
-
-    return get_quantization_config(model_args)
-
-
 def load_model(
     model_name_or_path: str,
     setup: DeviceSetup | None = None,

@@ -28,7 +28,7 @@ import datasets
 import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
-from trl import ModelConfig, SFTConfig, TrlParser
+from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
 
 from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
@@ -41,7 +41,6 @@ from bbox_sft.model import (
     load_model,
     load_processor,
     lora_config,
-    quantization_config,
     set_trainable,
 )
 from bbox_sft.task import completion_messages, format_answer
@@ -108,7 +107,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
     model = load_model(
         model_path,
         setup,
-        quantization=quantization_config(model_args),
+        quantization=get_quantization_config(model_args),  # 4-bit (type, nested, storage) or 8-bit, as TRL
         attn_implementation=model_args.attn_implementation,
         revision=model_args.model_revision,
         dtype=dtype,
