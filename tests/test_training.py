@@ -83,8 +83,9 @@ def test_lora_overfits_and_saves_only_the_adapter(tiny_model_dir: Path, eight_re
     assert torch.equal(reloaded.state_dict()[lora_a], trainer.model.state_dict()[lora_a])
 
 
-def _run(args: list[str], timeout: int = 600, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def _run(args: list[str], timeout: int = 600, env_extra: dict[str, str] | None = None,
+         **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env, **kwargs)
 
 
@@ -120,6 +121,77 @@ def test_two_process_ddp_validates_like_one_process(tiny_model_dir: Path, box_da
     assert len(list(out.glob("adapter_model*.safetensors"))) == 1
 
     # the same model (saved right after that evaluation) in one process gives the same answers in the same order
+    answers = _single_process_answers(out, box_dataset_dir, 5)
+    assert history[0]["answers"] == answers
+    import datasets
+
+    from bbox_sft.metrics import text_metrics
+
+    references = datasets.load_from_disk(str(box_dataset_dir))["validation"].select(range(5))["box"]
+    for name, value in text_metrics(answers, references).items():
+        assert evaluation[f"eval_{name}"] == pytest.approx(value), name
+
+
+FSDP2_ON_CPU = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
+import bbox_sft.train as train
+import bbox_sft.validation as validation
+
+generate_answers = validation.generate_answers
+
+def probe(model, *args, **kwargs):  # what the validation generates with, seen from inside the run
+    params = list(model.parameters())
+    sharded = [p for p in params if isinstance(p, DTensor)]
+    Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps({
+        "model": type(model).__name__, "params": len(params), "sharded": len(sharded),
+        "local_numel": sum(p.to_local().numel() for p in sharded), "numel": sum(p.numel() for p in sharded),
+        "synced_gpus": kwargs.get("synced_gpus"), "world": dist.get_world_size()}))
+    return generate_answers(model, *args, **kwargs)
+
+validation.generate_answers = probe
+args = train.parse_args(sys.argv[2:])
+# accelerate turns FSDP on only for accelerator device types; the gloo CPU group is marked as one,
+# everything after this (plugin, fully_shard, training, saving) is accelerate's and TRL's own path
+PartialState().distributed_type = DistributedType.MULTI_GPU
+train.main(*args)
+"""
+
+
+def test_two_process_fsdp2_shards_the_model_and_validates_like_one_process(tiny_model_dir: Path,
+                                                                          box_dataset_dir: Path,
+                                                                          tmp_path: Path) -> None:
+    out, probes = tmp_path / "fsdp", tmp_path / "probes"
+    probes.mkdir()
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_ON_CPU)
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    # the shipped FSDP2 config, on 2 CPU processes
+    result = _run([accelerate, "launch", "--config_file", "recipes/accelerate/fsdp.yaml", "--num_processes", "2",
+                   "--mixed_precision", "no", str(script), str(probes),
+                   *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--use_cpu", "true",
+                          "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_strategy", "steps",
+                          "--eval_steps", "4", "--box_eval_samples", "5", "--per_device_eval_batch_size", "1")],
+                  timeout=300, env_extra={"PYTHONPATH": str(REPO)})  # a rank left waiting hangs: fail instead
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in (0, 1):  # each rank generated with its half of every sharded weight, in step with the other
+        seen = json.loads((probes / f"rank{rank}.json").read_text())
+        assert seen["world"] == 2 and seen["synced_gpus"] is True
+        assert seen["model"].startswith("FSDP"), seen
+        assert seen["sharded"] >= seen["params"] // 2, seen
+        assert seen["local_numel"] <= seen["numel"] // 2 + seen["sharded"], seen
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    [evaluation] = [e for e in state["log_history"] if "eval_mean_iou" in e]
+    history = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
+    history = [h for h in history if h["split"] == "eval"]
+    assert len(history) == 1
+    # the full adapter, gathered from the shards at save time, answers like the sharded model did
     answers = _single_process_answers(out, box_dataset_dir, 5)
     assert history[0]["answers"] == answers
     import datasets
