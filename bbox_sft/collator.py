@@ -91,19 +91,22 @@ class BoxSFTCollator:
 
 
 def add_lengths(dataset, processor: ProcessorMixin, column: str = "length"):
-    """Add each record's token count (visual tokens from its size + answer tokens) without decoding images.
+    """Add each record's processed length (what the collator's row holds) without decoding images.
 
-    With ``train_sampling_strategy: group_by_length`` the Trainer batches records of similar length
-    from this column, which keeps padding to a few percent.
+    The chat-templated text is tokenized with its one image placeholder, which the processor then
+    expands to the image's visual tokens (known from its size). With ``train_sampling_strategy:
+    group_by_length`` the Trainer batches records of similar length from this column, which keeps
+    padding to a few percent.
     """
     from .model import visual_tokens
 
-    tokenizer = processor.tokenizer
-    answers = [_answer_text({"completion": c}) for c in dataset["completion"]]
-    answer_tokens = tokenizer(answers, add_special_tokens=False)["input_ids"]
+    render = BoxSFTCollator(processor).render
+    texts = [render({"prompt": p, "completion": c, "images": [None]})
+             for p, c in zip(dataset["prompt"], dataset["completion"])]
+    counts = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
     lengths = [
-        visual_tokens(processor, w, h) + len(tokens)
-        for w, h, tokens in zip(dataset["width"], dataset["height"], answer_tokens)
+        len(tokens) - 1 + visual_tokens(processor, w, h)  # the placeholder becomes the visual tokens
+        for w, h, tokens in zip(dataset["width"], dataset["height"], counts)
     ]
     if column in dataset.column_names:
         dataset = dataset.remove_columns(column)

@@ -43,6 +43,11 @@ class BoxScriptArguments(ScriptArguments):
     constrained_decoding: bool = field(
         default=True, metadata={"help": "Force the answer format while generating (parse rate 1.0)."}
     )
+    calibrate_confidence: bool = field(
+        default=True,
+        metadata={"help": "After training, fit P(IoU >= 0.5) from the digit distributions on the validation "
+                          "split; saved as box_confidence.json beside the model (needs constrained decoding)."},
+    )
     callbacks: list[str] = field(
         default_factory=list, metadata={"help": "Callbacks by name: early_stopping."}
     )

@@ -16,19 +16,35 @@ the KV cache, no gradient, eval mode, and puts the model back in training mode a
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel, ProcessorMixin
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedModel, ProcessorMixin
 from trl.data_utils import prepare_multimodal_messages
 
 from .boxes import Box
 from .images import pad_to_aspect_ratio, to_rgb
-from .task import ANSWER_FORMATS, DECIMALS, JSON_KEYS, QWEN_GRID, QWEN_KEY, format_answer, parse_answer, prompt_messages
+from .task import (
+    ANSWER_FORMATS,
+    DECIMALS,
+    INSTRUCTION,
+    JSON_KEYS,
+    QWEN_GRID,
+    QWEN_KEY,
+    format_answer,
+    parse_answer,
+    prompt_messages,
+)
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 logger = logging.getLogger(__name__)
 DIGITS = "0123456789"
@@ -36,11 +52,18 @@ DIGITS = "0123456789"
 
 @dataclass
 class Prediction:
-    """One generated answer: the box (``None`` if it did not parse), the raw text, and a confidence."""
+    """One generated answer.
+
+    ``box`` is ``None`` if the answer did not parse; ``raw`` is the text as written; ``spread`` the
+    box's uncertainty from the digit distributions (:func:`box_spread`, constrained decoding only);
+    ``confidence`` the calibrated probability that the box has IoU >= 0.5 with the truth, when the
+    model carries a calibration (:mod:`bbox_sft.calibration`).
+    """
 
     box: Box | None
     raw: str
-    confidence: float
+    spread: float | None = None
+    confidence: float | None = None
 
 
 def _segments(answer_format: str) -> list[str]:
@@ -137,7 +160,11 @@ class AnswerGrammar:
         return options, bool(digits) and low <= int(digits) <= high
 
     def allowed(self, generated: Sequence[int]) -> list[int]:
-        """Tokens that may come next after ``generated`` (the answer so far).
+        """Tokens that may come next after ``generated`` (the answer so far)."""
+        return self.state(generated)[0]
+
+    def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
+        """(tokens that may come next, index of the number being written or None, its characters so far).
 
         The answer is fixed run 0, number 0, fixed run 1, ..., number 3, fixed run 4, then eos.
         """
@@ -151,20 +178,31 @@ class AnswerGrammar:
                     chars += self.char_of[token]
                     continue
                 if not (may_end and token == self.fixed[k][0]):
-                    return [self.eos]  # off the grammar: cannot happen under the processor
+                    return [self.eos], None, ""  # off the grammar: cannot happen under the processor
                 in_number = False
                 values.append(int(chars.replace(".", "")))
             elif token != self.fixed[k][j]:
-                return [self.eos]
+                return [self.eos], None, ""
             j += 1
             if j == len(self.fixed[k]):
                 if k == last:
-                    return [self.eos]
+                    return [self.eos], None, ""
                 k, j, chars, in_number = k + 1, 0, "", True
         if in_number:
             options, may_end = self._number_options(chars, *self.bounds(len(values), values))
-            return options + ([self.fixed[k][0]] if may_end else [])
-        return [self.fixed[k][j]]
+            return options + ([self.fixed[k][0]] if may_end else []), len(values), chars
+        return [self.fixed[k][j]], None, ""
+
+    def forced(self, generated: Sequence[int]) -> list[int]:
+        """The tokens the grammar forces after ``generated``, up to the next choice (eos included)."""
+        run: list[int] = []
+        while True:
+            options = self.allowed([*generated, *run])
+            if len(options) != 1:
+                return run
+            run.append(options[0])
+            if options[0] == self.eos:
+                return run
 
 
 class GrammarLogitsProcessor(LogitsProcessor):
@@ -181,24 +219,162 @@ class GrammarLogitsProcessor(LogitsProcessor):
         return scores + mask
 
 
-def prompt_text(processor: ProcessorMixin) -> str:
+def prompt_text(processor: ProcessorMixin, instruction: str = INSTRUCTION) -> str:
     """The chat-templated prompt, up to where the assistant starts answering."""
-    messages = prepare_multimodal_messages(prompt_messages(), images=[None])
+    messages = prepare_multimodal_messages(prompt_messages(instruction), images=[None])
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _confidences(logits: Sequence[torch.Tensor], tokens: torch.Tensor, digit_ids: torch.Tensor) -> list[float]:
-    """Per row: geometric mean probability (under the unconstrained model) of the digits it wrote.
+@dataclass
+class Choice:
+    """One step where the grammar allowed more than one digit: what the model thought of each."""
 
-    ``logits`` holds one (batch, vocab) tensor per generated step and ``tokens`` the (batch, steps)
-    tokens written; the whole batch is scored at once.
+    number: int  # which of the four numbers
+    position: int  # digit index within that number
+    digits: list[int]  # the allowed digits (values 0-9)
+    probs: list[float]  # the model's probabilities of those digits, renormalised over them
+    chosen: int  # the digit written
+
+
+def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float | None:
+    """Mean standard deviation of the four coordinates implied by the digit distributions, in [0, 1] units.
+
+    Each choice is a digit with a known place value (units, tenths, hundredths of the image in the json
+    format; the qwen format's place follows from the number's final length): its variance under the
+    model's distribution, scaled by that place, adds to its coordinate's variance. A model sure of every
+    digit gives 0; one torn between 0.3 and 0.7 for x_min gives about 0.2 for that coordinate.
     """
-    stacked = torch.stack(tuple(logits), 1).float()  # (batch, steps, vocab)
-    logp = stacked.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - stacked.logsumexp(-1)
-    is_digit = torch.isin(tokens, digit_ids)
-    counts = is_digit.sum(1)
-    mean = (logp * is_digit).sum(1) / counts.clamp(min=1)
-    return torch.where(counts > 0, mean.exp(), torch.zeros_like(mean)).tolist()
+    numbers = [n.replace(".", "") for n in re.findall(r"\d+(?:\.\d+)?", raw)][-4:]  # after "bbox_2d"
+    if len(numbers) != 4:
+        return None
+    scale = 10**DECIMALS if answer_format == "json" else QWEN_GRID
+    variance = [0.0] * 4
+    for c in choices:
+        place = 10 ** (len(numbers[c.number]) - 1 - c.position) / scale
+        mean = sum(p * d for p, d in zip(c.probs, c.digits))
+        variance[c.number] += place**2 * max(0.0, sum(p * d * d for p, d in zip(c.probs, c.digits)) - mean**2)
+    return sum(v**0.5 for v in variance) / 4
+
+
+def _choice(grammar: AnswerGrammar, generated: Sequence[int], logits: torch.Tensor,
+            chosen: int) -> Choice | None:
+    """The :class:`Choice` at this step, or None where the grammar left no choice between digits."""
+    options, number, chars = grammar.state(generated)
+    digits = [t for t in options if t in grammar.char_of and t != grammar.dot]
+    if number is None or len(digits) < 2:
+        return None
+    probs = logits.float()[digits].softmax(-1).tolist()
+    values = [int(grammar.char_of[t]) for t in digits]
+    written = int(grammar.char_of[chosen]) if chosen in digits else -1
+    return Choice(number, len(chars.replace(".", "")), values, probs, written)
+
+
+def _inner_model(model: PreTrainedModel) -> tuple[PreTrainedModel, torch.nn.Module | None]:
+    """(the transformers model under peft / FSDP wrappers, its multimodal body if it has M-RoPE)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "model", None)
+    return base, body if hasattr(body, "get_rope_index") else None
+
+
+class ForcedTokenDecoder:
+    """Greedy constrained decoding that feeds every forced token run in one forward pass.
+
+    ``model.generate`` spends one sequential decode step per token, yet in an answer most tokens are
+    forced by the grammar (the keys, the punctuation, the decimal point, the first digit of a min).
+    Here each forward pass takes, per row, the token just chosen plus the run the grammar forces
+    after it, using the KV cache, so a batch costs one prefill plus one pass per choice step: in the
+    json format, where all numbers have the same shape, rows stay aligned. Rows whose runs differ in
+    length (the qwen format's 1-4 digit numbers) feed the common length and keep the rest queued, so
+    no row ever needs more passes than token-by-token decoding. ``fast_forward=False`` feeds one
+    token per pass: the same tokens, decoded the slow way (what tests compare against).
+
+    Positions follow ``generate`` exactly: M-RoPE positions from the model's ``get_rope_index`` for
+    the prompt, then one position per fed token.
+    """
+
+    def __init__(self, model: PreTrainedModel, grammar: AnswerGrammar, pad_token_id: int,
+                 fast_forward: bool = True, max_new_tokens: int = 64, synced_gpus: bool = False) -> None:
+        self.model, self.grammar, self.pad = model, grammar, pad_token_id
+        self.fast_forward, self.max_new_tokens, self.synced_gpus = fast_forward, max_new_tokens, synced_gpus
+        self.base, self.body = _inner_model(model)
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.forward_calls = 0
+
+    @classmethod
+    def supports(cls, model: PreTrainedModel) -> bool:
+        """Whether the model exposes the M-RoPE index this decoder needs (Qwen2-VL, 2.5-VL, 3-VL)."""
+        return _inner_model(model)[1] is not None
+
+    def _forward(self, **inputs) -> torch.Tensor:
+        self.forward_calls += 1
+        return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    def decode(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[Choice]]]:
+        """Answer tokens (eos included) and the choices made, per row of a left-padded processor batch."""
+        grammar, rows = self.grammar, batch["input_ids"].shape[0]
+        device = batch["input_ids"].device
+        written: list[list[int]] = [[] for _ in range(rows)]
+        choices: list[list[Choice]] = [[] for _ in range(rows)]
+        pending = [grammar.forced([]) for _ in range(rows)]
+        done = [False] * rows
+        mask = batch["attention_mask"]
+        rope, _ = self.body.get_rope_index(
+            batch["input_ids"], image_grid_thw=batch.get("image_grid_thw"), attention_mask=mask,
+            mm_token_type_ids=batch.get("mm_token_type_ids"))
+        text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        positions = torch.cat([text[None], rope], 0)  # generate's 4 rows: text, then M-RoPE t/h/w
+        cache = DynamicCache(config=self.base.config)
+        first = True
+        inputs: dict[str, torch.Tensor] = {}
+        while True:
+            finished_here = all(done) or len(written[0]) >= self.max_new_tokens
+            if self.synced_gpus:  # every rank runs every pass until all ranks are done (sharded weights)
+                flag = torch.tensor(0.0 if finished_here else 1.0, device=device)
+                torch.distributed.all_reduce(flag)
+                if flag.item() == 0.0:
+                    break
+            elif finished_here:
+                break
+            live = [r for r in range(rows) if not done[r]] or list(range(rows))
+            if self.fast_forward:
+                n = min(len(pending[r]) for r in live)
+            else:  # generate's way: the prompt alone, then one token per pass
+                n = 0 if first else 1
+            feed = [pending[r][:n] + [self.pad] * (n - len(pending[r][:n])) for r in range(rows)]
+            for r in range(rows):
+                if not done[r]:
+                    written[r] += pending[r][:n]
+                    pending[r] = pending[r][n:]
+            ids = torch.tensor(feed, dtype=torch.long, device=device).reshape(rows, n)
+            new = positions[..., -1:] + torch.arange(1, n + 1, device=device)
+            if first:  # prefill: the prompt and the run forced before the first choice, in one pass
+                positions = step = torch.cat([positions, new], -1)
+                inputs = {**batch, "input_ids": torch.cat([batch["input_ids"], ids], 1),
+                          "attention_mask": torch.cat([mask, torch.ones_like(ids)], 1)}
+                first = False
+            else:
+                positions, step = torch.cat([positions, new], -1), new
+                inputs = {"input_ids": ids, "attention_mask": torch.cat([inputs["attention_mask"],
+                                                                         torch.ones_like(ids)], 1)}
+            logits = self._forward(**inputs, position_ids=step, **{self.cache_arg: cache})
+            for r in range(rows):
+                if done[r] or pending[r]:
+                    continue  # finished, or still has forced tokens queued: no choice to make here
+                options = grammar.allowed(written[r])
+                if len(options) == 1 and options[0] == grammar.eos:
+                    written[r].append(grammar.eos)
+                    done[r] = True
+                    continue
+                token = options[int(logits[r, options].argmax())]
+                choice = _choice(grammar, written[r], logits[r], token)
+                if choice is not None:
+                    choices[r].append(choice)
+                pending[r] = [token, *grammar.forced([*written[r], token])]
+                if pending[r][-1] == grammar.eos:  # the rest is forced to the end: no pass needed for it
+                    written[r] += pending[r]
+                    pending[r], done[r] = [], True
+        return written, choices
 
 
 @torch.no_grad()
@@ -212,16 +388,25 @@ def generate_answers(
     max_new_tokens: int = 64,
     progress: bool = True,
     synced_gpus: bool | None = None,
+    fast_forward: bool = True,
+    calibration: Calibration | None = None,
+    instruction: str = INSTRUCTION,
+    parse: Callable[[str], Box | None] = parse_answer,
 ) -> list[Prediction]:
     """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image.
 
-    ``synced_gpus`` (transformers' ``generate`` argument) keeps sharded ranks stepping together
-    until all are done; None lets transformers decide.
+    Constrained decoding runs :class:`ForcedTokenDecoder` (forced runs fed in one pass each; with
+    ``fast_forward=False`` one token per pass) on models with M-RoPE, and transformers' ``generate``
+    with the grammar as a logits processor otherwise; unconstrained decoding is ``generate``.
+    ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets
+    transformers decide. ``calibration`` turns each box's spread into P(IoU >= 0.5). ``instruction``
+    and ``parse`` ask another question unconstrained (the native grounding baseline).
     """
     tokenizer = processor.tokenizer
     grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
-    digit_ids = torch.tensor([tokenizer.convert_tokens_to_ids(d) for d in DIGITS])
-    text = prompt_text(processor)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
+    text = prompt_text(processor, instruction)
     fitted = [pad_to_aspect_ratio(image) for image in images]  # shapes the processor refuses, padded
     order = sorted(range(len(images)), key=lambda i: fitted[i][0].size[0] * fitted[i][0].size[1])
     results: list[Prediction | None] = [None] * len(images)
@@ -237,28 +422,39 @@ def generate_answers(
                 padding_side="left",
                 return_tensors="pt",
             ).to(model.device)
-            prompt_length = batch["input_ids"].shape[1]
-            processors = LogitsProcessorList([GrammarLogitsProcessor(grammar, prompt_length)]) if grammar else None
-            out = model.generate(
-                **batch,
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                use_cache=True,
-                logits_processor=processors,
-                return_dict_in_generate=True,
-                output_logits=True,
-                eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tokenizer.pad_token_id,
-                synced_gpus=synced_gpus,
-            )
-            written = out.sequences[:, prompt_length:]
-            confidences = _confidences(out.logits, written, digit_ids.to(written.device))
+            if use_decoder:
+                decoder = ForcedTokenDecoder(model, grammar, tokenizer.pad_token_id, fast_forward=fast_forward,
+                                             max_new_tokens=max_new_tokens, synced_gpus=bool(synced_gpus))
+                written, choices = decoder.decode(batch)
+            else:
+                written, choices = _generate(model, batch, grammar, eos, tokenizer.pad_token_id, max_new_tokens,
+                                             synced_gpus)
             for row, i in enumerate(index):
                 raw = tokenizer.decode(written[row], skip_special_tokens=True)
-                box, letterbox = parse_answer(raw), fitted[i][1]
+                box, letterbox = parse(raw), fitted[i][1]
                 if box is not None and letterbox is not None:
                     box = letterbox.to_original(box)
-                results[i] = Prediction(box, raw, confidences[row])
+                spread = box_spread(choices[row], raw, answer_format) if grammar else None
+                confidence = calibration.probability(spread, box) if calibration and box else None
+                results[i] = Prediction(box, raw, spread, confidence)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
+
+
+def _generate(model: PreTrainedModel, batch, grammar: AnswerGrammar | None, eos: int, pad: int,
+              max_new_tokens: int, synced_gpus: bool | None) -> tuple[list[list[int]], list[list[Choice]]]:
+    """transformers' ``generate``, one token per step, with the grammar as a logits processor if given."""
+    prompt_length = batch["input_ids"].shape[1]
+    processors = LogitsProcessorList([GrammarLogitsProcessor(grammar, prompt_length)]) if grammar else None
+    out = model.generate(**batch, do_sample=False, max_new_tokens=max_new_tokens, use_cache=True,
+                         logits_processor=processors, return_dict_in_generate=True, output_logits=True,
+                         eos_token_id=eos, pad_token_id=pad, synced_gpus=synced_gpus)
+    tokens = out.sequences[:, prompt_length:].tolist()
+    written, choices = [], []
+    for row, ids in enumerate(tokens):
+        ids = ids[: ids.index(eos) + 1] if eos in ids else ids
+        written.append(ids)
+        mine = [_choice(grammar, ids[:t], out.logits[t][row], ids[t]) for t in range(len(ids))] if grammar else []
+        choices.append([c for c in mine if c is not None])
+    return written, choices

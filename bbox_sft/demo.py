@@ -137,6 +137,7 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
         "sizes": asdict(profile),
         "rows": metrics["rows"],
         "test_images": metrics["evaluated"],
+        "confidence": metrics.get("confidence"),
         "validation": [{k: e[k] for k in ("step", "eval_mean_iou", "eval_loss")} for e in history
                        if "eval_mean_iou" in e],
         "stage_seconds": stages.seconds,
@@ -157,6 +158,16 @@ def _predict(adapter: Path, images: Path, output: Path, sink) -> float:
     return round(time.perf_counter() - start, 1)
 
 
+def _confidence(report: dict) -> str:
+    c = report.get("confidence")
+    if not c:
+        return ""
+    auroc = f"{c['confidence_auroc']:.3f}" if "confidence_auroc" in c else "n/a"
+    return (f"\nBox confidence, P(IoU >= 0.5) calibrated on {c['calibrated_on']} validation images: AUROC {auroc}, "
+            f"expected calibration error {c['confidence_ece']:.3f} on the test images "
+            "(reliability plot: `eval/reliability.png`).\n")
+
+
 def markdown(report: dict) -> str:
     times = "\n".join(f"| {stage} | {seconds:.0f} s |" for stage, seconds in report["stage_seconds"].items())
     curve = "\n".join(f"| {e['step']} | {e['eval_mean_iou']:.3f} | {e['eval_loss']:.3f} |"
@@ -167,7 +178,7 @@ LoRA on domain B over a tiny Qwen3-VL base trained on domain A; {report['test_im
 domain-B test images.
 
 {markdown_table(report['rows'])}
-
+{_confidence(report)}
 ## Validation during LoRA training (generation-based)
 
 | step | eval_mean_iou | eval_loss |

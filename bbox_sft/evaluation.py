@@ -8,6 +8,8 @@ are skipped, counted and named in the report. The split is streamed a few batche
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -18,12 +20,14 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from .boxes import Box
+from .boxes import Box, iou
+from .calibration import Calibration, confidence_metrics, save_reliability_plot
 from .data.prepare import load_or_build_dataset
-from .decoding import Prediction
+from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
 from .metrics import METRIC_NAMES, box_metrics
 from .predict import BoxPredictor, adapter_base, load_for_inference, trained_answer_format
+from .task import NATIVE_GROUNDING_INSTRUCTION, parse_native_grounding
 from .visualize import save_box_grid
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,14 @@ class EvalArguments:
     batch_size: int = field(default=8, metadata={"help": "Images per generation batch."})
     constrained: bool = field(default=True, metadata={"help": "Constrained decoding (parse rate 1.0)."})
     grid_images: int = field(default=16, metadata={"help": "Predictions drawn in grid.png."})
+    native_baseline: bool | None = field(
+        default=None,
+        metadata={"help": "Add the row 'base, native grounding prompt': the base model asked in Qwen-VL's own "
+                          "grounding words, unconstrained (default: on when the base is a Qwen-VL)."},
+    )
+    native_pick: str = field(default="first", metadata={"help": "Native answers with several boxes: "
+                                                                 "'first' or 'largest'."})
+    native_max_new_tokens: int = field(default=128, metadata={"help": "Token budget of a native answer."})
 
 
 def decode_records(split: datasets.Dataset, processor=None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -85,13 +97,19 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
         raise ValueError(f"{args.dataset}: split {args.split!r} is empty, nothing to evaluate")
     prior, prior_source = center_prior(dataset, args.split)
     model, processor = load_for_inference(args.adapter, args.base)
+    calibration = Calibration.load(args.adapter)
     predictor = BoxPredictor(model, processor, answer_format=trained_answer_format(args.adapter),
-                             constrained=args.constrained, batch_size=args.batch_size)
+                             constrained=args.constrained, batch_size=args.batch_size, calibration=calibration)
     has_base = adapter_base(args.adapter) is not None and hasattr(model, "disable_adapter")
+    native = args.native_baseline if args.native_baseline is not None else has_base and is_qwen_vl(model)
+    if args.native_pick not in ("first", "largest"):
+        raise ValueError(f"native_pick must be 'first' or 'largest', got {args.native_pick!r}")
+    parse_native = functools.partial(parse_native_grounding, pick=args.native_pick)
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    truths, adapted, base, grid, skipped = [], [], [], [], []
+    truths, adapted, base, native_boxes, grid, skipped = [], [], [], [], [], []
+    confidences: list[float | None] = []
     window = 4 * args.batch_size
     with open(out / "predictions.jsonl", "w") as f, tqdm(total=len(split), desc="Evaluating", unit="image") as bar:
         for start in range(0, len(split), window):
@@ -100,30 +118,49 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
             images = [r["image"] for r in records]
             mine = predictor.predict(images)
             theirs: list[Prediction | None] = [None] * len(images)
-            if has_base:
-                with model.disable_adapter():
+            asked: list[Prediction | None] = [None] * len(images)
+            with model.disable_adapter() if has_base else contextlib.nullcontext():
+                if has_base:
                     theirs = predictor.predict(images)
-            for record, p, b in zip(records, mine, theirs):
+                if native:
+                    asked = generate_answers(model, processor, images, constrained=False, batch_size=args.batch_size,
+                                             max_new_tokens=args.native_max_new_tokens, progress=False,
+                                             instruction=NATIVE_GROUNDING_INSTRUCTION, parse=parse_native)
+            for record, p, b, q in zip(records, mine, theirs, asked):
                 line = {"image_id": record["image_id"], "truth": record["box"], "box": p.box, "raw": p.raw,
-                        "confidence": round(p.confidence, 4)}
+                        "confidence": _rounded(p.confidence), "spread": _rounded(p.spread)}
                 if b is not None:
                     line["base_box"], line["base_raw"] = b.box, b.raw
+                if q is not None:
+                    line["native_box"], line["native_raw"] = q.box, q.raw
                 f.write(json.dumps(line) + "\n")
                 if len(grid) < args.grid_images:
-                    grid.append((record["image"], record["box"], p.box, f"{p.confidence:.2f}"))
+                    label = f"{p.confidence:.2f}" if p.confidence is not None else None
+                    grid.append((record["image"], record["box"], p.box, label))
             f.flush()
             truths += [r["box"] for r in records]
             adapted += [p.box for p in mine]
+            confidences += [p.confidence for p in mine]
             base += [b.box for b in theirs if b is not None]
+            native_boxes += [q.box for q in asked if q is not None]
             bar.update(len(records) + len(bad))
 
     rows: dict[str, dict[str, float]] = {"adapter": box_metrics(adapted, truths)}
     if has_base:
         rows["base (no adapter)"] = box_metrics(base, truths)
+    if native:
+        rows["base, native grounding prompt"] = box_metrics(native_boxes, truths)
     rows["center prior"] = box_metrics([prior] * len(truths), truths)
     report = {"adapter": args.adapter, "dataset": args.dataset, "split": args.split, "evaluated": len(truths),
               "skipped": skipped, "rows": rows, "center_prior_box": list(prior),
               "center_prior_source": prior_source, "arguments": asdict(args)}
+    if native:
+        report["native_prompt"] = {"instruction": NATIVE_GROUNDING_INSTRUCTION, "pick": args.native_pick}
+    if calibration is not None:
+        ious = [iou(b, t) for b, t in zip(adapted, truths)]
+        report["confidence"] = {**confidence_metrics(confidences, ious), "calibrated_on": calibration.fitted_on}
+        scored = [(c, i) for c, i in zip(confidences, ious) if c is not None]
+        save_reliability_plot([c for c, _ in scored], [i for _, i in scored], out / "reliability.png")
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(markdown_report(report))
     save_box_grid(grid, out / "grid.png")
@@ -131,6 +168,16 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
     if skipped:
         logger.warning("%d record(s) skipped: %s", len(skipped), ", ".join(s["image_id"] for s in skipped))
     return rows
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def is_qwen_vl(model) -> bool:
+    """Whether the model is a Qwen-VL (the family the native grounding prompt is written for)."""
+    model_type = getattr(getattr(model, "config", None), "model_type", "") or ""
+    return model_type.startswith("qwen") and "vl" in model_type
 
 
 def markdown_table(rows: dict[str, dict[str, float]]) -> str:
@@ -145,4 +192,23 @@ def markdown_report(report: dict[str, Any]) -> str:
             f"`{report['split']}`: {report['evaluated']} images.\n\n{markdown_table(report['rows'])}\n\n"
             f"Center prior box ({report['center_prior_source']}): "
             f"{[round(v, 3) for v in report['center_prior_box']]}\n\n"
+            f"{_native_note(report)}{_confidence_note(report)}"
             f"Skipped records:{skipped}\n\n![predictions](grid.png)\n")
+
+
+def _native_note(report: dict[str, Any]) -> str:
+    native = report.get("native_prompt")
+    if not native:
+        return ""
+    return (f"Native row: the base model asked \"{native['instruction']}\", unconstrained; answers read as "
+            f"Qwen-VL's `bbox_2d` on a 0-1000 grid, the {native['pick']} box where several are given.\n\n")
+
+
+def _confidence_note(report: dict[str, Any]) -> str:
+    c = report.get("confidence")
+    if not c:
+        return ""
+    auroc = f"{c['confidence_auroc']:.3f}" if "confidence_auroc" in c else "n/a (one class only)"
+    return (f"Confidence (P(IoU >= 0.5), calibrated on {c['calibrated_on']} validation images): "
+            f"AUROC {auroc}, expected calibration error {c['confidence_ece']:.3f}.\n\n"
+            "![reliability](reliability.png)\n\n")

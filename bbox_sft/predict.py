@@ -2,7 +2,7 @@
 
     predictor = BoxPredictor.from_pretrained("outputs/qwen3vl-2b-bbox-lora")
     [prediction] = predictor.predict([Image.open("photo.jpg")])
-    prediction.box, prediction.confidence
+    prediction.box, prediction.confidence  # P(IoU >= 0.5), from the calibration saved with the adapter
 
 The base model id is read from the adapter's ``adapter_config.json`` (or given with ``base``); a
 folder holding a full model (a run with ``use_peft: false``) loads directly.
@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
+from .calibration import Calibration
 from .data.sources import IMAGE_SUFFIXES
 from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
@@ -86,17 +87,23 @@ class ImageResult:
             "image": self.path,
             "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), box)) if box else None,
             "box_px": list(box.to_pixels(self.width, self.height)) if box else None,
-            "confidence": round(self.prediction.confidence, 4),
+            "confidence": _rounded(self.prediction.confidence),
+            "spread": _rounded(self.prediction.spread),
             "raw": self.prediction.raw,
         }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 class BoxPredictor:
     """A model that answers with the box of an image's main subject."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
-                 constrained: bool = True, batch_size: int = 8) -> None:
+                 constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None) -> None:
         self.model = model
+        self.calibration = calibration
         self.processor = processor
         self.answer_format = answer_format
         self.constrained = constrained
@@ -106,11 +113,13 @@ class BoxPredictor:
     def from_pretrained(cls, adapter_dir: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
         model, processor = load_for_inference(adapter_dir, base)
         kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
+        kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
     def predict(self, images: Sequence[Image.Image], progress: bool = False) -> list[Prediction]:
         return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
-                                constrained=self.constrained, batch_size=self.batch_size, progress=progress)
+                                constrained=self.constrained, batch_size=self.batch_size, progress=progress,
+                                calibration=self.calibration)
 
     def predict_files(self, paths: Iterable[str | Path], window: int | None = None) -> Iterator[ImageResult]:
         """Results for image files, in the order given, a window of a few batches at a time.

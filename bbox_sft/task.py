@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Literal
 
 from .boxes import Box
@@ -107,6 +108,39 @@ def parse_answer(text: str) -> Box | None:
             return box
         start = text.find("{", start + 1)
     return None
+
+
+# Qwen-VL's own grounding request, in the words of its cookbooks ("Locate the top right brown cake,
+# output its bbox coordinates using JSON format."): the base model's zero-shot baseline.
+NATIVE_GROUNDING_INSTRUCTION = "Locate the main subject of the image, output its bbox coordinates using JSON format."
+_NATIVE_BOX = re.compile(r'"bbox_2d"\s*:\s*\[\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*,\s*(-?[\d.]+)\s*\]')
+
+
+def parse_native_grounding(text: str, pick: Literal["first", "largest"] = "first") -> Box | None:
+    """A box from Qwen3-VL's native grounding answer, or ``None``; never raises.
+
+    Takes what Qwen3-VL writes when asked in its own words: a JSON list (often in a code fence) of
+    ``{"bbox_2d": [x1, y1, x2, y2], "label": ...}`` on a 0-1000 grid, a single such object, or
+    truncated / slightly malformed JSON (every ``"bbox_2d": [...]`` is read where it stands).
+    With several objects ``pick`` says which: the first written, or the largest.
+    """
+    if not isinstance(text, str):
+        return None
+    boxes = []
+    for match in _NATIVE_BOX.finditer(text):
+        try:
+            values = [float(v) for v in match.groups()]
+        except ValueError:
+            continue
+        if not all(math.isfinite(v) for v in values):
+            continue
+        x0, y0, x1, y1 = (min(1.0, max(0.0, v / QWEN_GRID)) for v in values)
+        box = Box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+        if box.area > 0:
+            boxes.append(box)
+    if not boxes:
+        return None
+    return boxes[0] if pick == "first" else max(boxes, key=lambda b: b.area)
 
 
 def prompt_messages(instruction: str = INSTRUCTION) -> list[dict[str, Any]]:

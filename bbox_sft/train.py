@@ -164,6 +164,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
         constrained_decoding=script_args.constrained_decoding,
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
         final_eval_dataset=dataset.get("test"),
+        calibration_dataset=dataset.get(script_args.dataset_test_split),
     )
 
 
@@ -192,6 +193,12 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
         args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format for predict/eval
     logger.info("model saved to %s", training_args.output_dir)
+
+    ################
+    # Calibrate the box confidence on the validation split (saved beside the model, pushed with it)
+    ################
+    if script_args.calibrate_confidence:
+        trainer.calibrate_confidence()
 
     ################
     # Evaluate on the test split (box metrics into all_results.json), then the model card

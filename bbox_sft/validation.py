@@ -26,7 +26,9 @@ from transformers import EarlyStoppingCallback, TrainerCallback
 from trl import SFTTrainer
 from trl.models import unwrap_model_for_generation
 
-from .decoding import generate_answers
+from .boxes import iou
+from .calibration import Calibration, confidence_metrics, fit_from_predictions
+from .decoding import Prediction, generate_answers
 from .hub import write_model_card
 from .metrics import box_metrics
 from .visualize import save_box_grid
@@ -53,9 +55,12 @@ class BoxSFTTrainer(SFTTrainer):
         grid_images: int = 16,
         card_info: dict[str, Any] | None = None,
         final_eval_dataset=None,
+        calibration_dataset=None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.calibration_dataset = calibration_dataset  # the validation split, for the box confidence
+        self.calibration: Calibration | None = None
         self.final_eval_dataset = final_eval_dataset  # the test split, for do_eval after training
         self.box_eval_samples = box_eval_samples
         self.answer_format = answer_format
@@ -81,11 +86,30 @@ class BoxSFTTrainer(SFTTrainer):
     def generate_box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
         """Generate on this rank's shard of the subset, gather, score; write the grid on the main process.
 
+        With a calibration (fitted at the end of training) the metrics also hold the AUROC and the
+        expected calibration error of the box confidence.
+        """
+        n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
+        predictions = self.generate_gathered(dataset, n)
+        gathered = [(i, p.box, p.raw) for i, p in enumerate(predictions)]
+        references = dataset.select(range(n))["box"]
+        boxes = [p.box for p in predictions]
+        metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
+        if self.calibration is not None:
+            ious = [iou(b, r) for b, r in zip(boxes, references)]
+            confidences = [p.confidence for p in predictions]
+            metrics.update({f"{prefix}_{k}": v for k, v in confidence_metrics(confidences, ious).items()})
+        if self.accelerator.is_main_process:
+            self._write_grid(dataset, gathered, metrics, prefix)
+        return metrics
+
+    def generate_gathered(self, dataset, n: int) -> list[Prediction]:
+        """Predictions for the first ``n`` records, generated in equal shards on every rank and gathered in order.
+
         Every rank gets a shard of the same size (the last ones padded with repeats, dropped after the
         gather) and generates under TRL's ``unwrap_model_for_generation``: under FSDP or ZeRO-3 every
         rank must take part in every forward pass, so equal shards and ``synced_gpus`` keep them in step.
         """
-        n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard, padded = equal_shard(n, rank, world)
         rows = dataset.select(padded)
@@ -100,17 +124,31 @@ class BoxSFTTrainer(SFTTrainer):
                 batch_size=self.args.per_device_eval_batch_size,
                 progress=self.accelerator.is_main_process,
                 synced_gpus=sharded,
+                calibration=self.calibration,
             )
-        mine = [(i, p.box, p.raw) for i, p in zip(shard, predictions)]  # the padding is left out here
-        gathered = sorted(gather_object(mine)) if world > 1 else mine
-        if [i for i, _, _ in gathered] != list(range(n)):
-            raise RuntimeError(f"validation gathered answers for {[i for i, _, _ in gathered]}, expected 0..{n - 1}")
-        boxes = [box for _, box, _ in gathered]
-        references = dataset.select(range(n))["box"]
-        metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
-        if self.accelerator.is_main_process:
-            self._write_grid(dataset, gathered, metrics, prefix)
-        return metrics
+        mine = list(zip(shard, predictions))  # the padding is left out here
+        gathered = sorted(gather_object(mine), key=lambda pair: pair[0]) if world > 1 else mine
+        if [i for i, _ in gathered] != list(range(n)):
+            raise RuntimeError(f"validation gathered answers for {[i for i, _ in gathered]}, expected 0..{n - 1}")
+        return [p for _, p in gathered]
+
+    def calibrate_confidence(self) -> Calibration | None:
+        """Fit P(IoU >= 0.5) on the whole validation split and save it beside the model (main process).
+
+        Every rank generates its shard and fits the same calibration from the gathered predictions.
+        """
+        dataset = self.calibration_dataset
+        if dataset is None or len(dataset) == 0 or not self.constrained_decoding:
+            logger.warning("box confidence not calibrated: %s", "constrained decoding is off"
+                           if dataset is not None and len(dataset) else "no validation split")
+            return None
+        predictions = self.generate_gathered(dataset, len(dataset))
+        self.calibration = fit_from_predictions(predictions, dataset["box"])
+        if self.calibration is not None and self.accelerator.is_main_process:
+            path = self.calibration.save(self.args.output_dir)
+            logger.info("box confidence calibrated on %d validation images (hit rate %.2f): %s",
+                        self.calibration.fitted_on, self.calibration.hit_rate, path)
+        return self.calibration
 
     def _write_grid(self, dataset, gathered: list, metrics: dict[str, float], prefix: str = "eval") -> None:
         folder = Path(self.args.output_dir) / "validation"

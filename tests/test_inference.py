@@ -126,7 +126,7 @@ def test_constrained_decoding_parses_every_answer_of_an_untrained_model(tiny_mod
         assert all(p.box is not None for p in predictions), [p.raw for p in predictions if p.box is None]
         assert all(0 <= p.box.x_min <= p.box.x_max <= 1 and 0 <= p.box.y_min <= p.box.y_max <= 1
                    for p in predictions)
-        assert all(0 < p.confidence <= 1 for p in predictions)
+        assert all(0 <= p.spread < 1 and p.confidence is None for p in predictions)  # no calibration given
     raw = generate_answers(model, processor, images[:8], constrained=False, max_new_tokens=24, progress=False)
     assert box_metrics([p.box for p in raw], [(0, 0, 1, 1)] * 8)["parse_rate"] < 1.0  # off: reported as it is
 
@@ -184,8 +184,10 @@ def test_predict_on_a_folder_reports_the_corrupt_image_and_goes_on(adapter_dir, 
     bad = [line for line in lines if "error" in line]
     assert [Path(line["image"]).name for line in bad] == ["corrupt.jpg"]
     good = [line for line in lines if "error" not in line]
+    assert (adapter_dir / "box_confidence.json").is_file()  # calibrated at the end of training
     for line in good:
-        assert set(line) == {"image", "box", "box_px", "confidence", "raw"}
+        assert set(line) == {"image", "box", "box_px", "confidence", "spread", "raw"}
+        assert 0 <= line["confidence"] <= 1 and 0 <= line["spread"] < 1
         width, height = Image.open(line["image"]).size
         x0, y0, x1, y1 = line["box_px"]
         assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
@@ -205,12 +207,14 @@ def test_eval_reports_three_rows_and_skips_a_corrupt_record(adapter_dir, box_dat
     assert cli(["eval", "--adapter", str(adapter_dir), "--dataset", str(tmp_path / "data"), "--split", "test",
                 "--output_dir", str(out)]) == 0
     report = json.loads((out / "metrics.json").read_text())
-    assert set(report["rows"]) == {"adapter", "base (no adapter)", "center prior"}
+    assert set(report["rows"]) == {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
     assert report["evaluated"] == len(rows) - 1
+    assert set(report["confidence"]) >= {"confidence_ece", "calibrated_on"} and (out / "reliability.png").is_file()
     assert [s["image_id"] for s in report["skipped"]] == [rows[1]["image_id"]]
     assert report["rows"]["adapter"]["parse_rate"] == 1.0
-    predictions = (out / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == len(rows) - 1
+    assert all("native_raw" in p and "base_raw" in p for p in predictions)
     assert "center prior" in (out / "report.md").read_text()
     assert Image.open(out / "grid.png").size[0] > 0
 

@@ -231,6 +231,7 @@ def test_bbox_sft_train_runs_under_accelerate_and_evaluates_the_test_split(tiny_
     for name in ("test_loss", "test_mean_iou", "test_success@0.5", "test_parse_rate"):
         assert name in results, name
     assert results["test_parse_rate"] == 1.0
+    assert (out / "box_confidence.json").is_file() and 0 <= results["test_confidence_ece"] <= 1
     card = (out / "README.md").read_text()
     assert "## Test split (after training)" in card and f"| mean_iou | {results['test_mean_iou']:.4f} |" in card
 

@@ -1,0 +1,257 @@
+"""Decoding: fast-forward of forced tokens, the box spread and its calibration, the native baseline parser,
+and the grammar, collator and lengths checked against Qwen's real tokenizer."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import AutoModelForImageTextToText, Qwen3VLForConditionalGeneration
+
+import bbox_sft.decoding as decoding
+from bbox_sft.calibration import Calibration, auroc, expected_calibration_error
+from bbox_sft.collator import IGNORE_INDEX, BoxSFTCollator, add_lengths
+from bbox_sft.decoding import AnswerGrammar, ForcedTokenDecoder, generate_answers
+from bbox_sft.model import set_pixel_budget
+from bbox_sft.task import format_answer, parse_native_grounding
+from bbox_sft.testing import build_processor, build_qwen_tokenizer, tiny_config
+
+
+def _images(box_dataset_dir, n: int = 6) -> list:
+    split = datasets.load_from_disk(str(box_dataset_dir))
+    return [image for name in ("validation", "test") for image in split[name]["image"]][:n]
+
+
+class CountingForwards:
+    """Counts the model's forward passes (the top module's ``forward``), per ``generate_answers`` batch."""
+
+    def __init__(self, model) -> None:
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args) -> None:
+        self.calls += 1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+def _via_generate(monkeypatch, *args, **kwargs):
+    """Today's path: transformers' ``generate`` with the grammar as a logits processor."""
+    with monkeypatch.context() as m:
+        m.setattr(ForcedTokenDecoder, "supports", classmethod(lambda cls, model: False))
+        return generate_answers(*args, **kwargs)
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_fast_forward_writes_what_step_by_step_and_generate_write(answer_format, tiny_model_dir, box_dataset_dir,
+                                                                   processor, monkeypatch) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    images = _images(box_dataset_dir, 6)
+    kwargs = dict(answer_format=answer_format, batch_size=3, progress=False)
+    with CountingForwards(model) as fast_count:
+        fast = generate_answers(model, processor, images, **kwargs)
+    with CountingForwards(model) as slow_count:
+        slow = generate_answers(model, processor, images, fast_forward=False, **kwargs)
+    reference = _via_generate(monkeypatch, model, processor, images, **kwargs)
+    assert [p.raw for p in fast] == [p.raw for p in slow] == [p.raw for p in reference]
+    assert [p.box for p in fast] == [p.box for p in reference]
+    for a, b, c in zip(fast, slow, reference):
+        assert a.spread == pytest.approx(b.spread, abs=1e-5) and a.spread == pytest.approx(c.spread, abs=1e-5)
+    batches = 2
+    if answer_format == "json":  # one prefill + one pass per choice step: at most 13 per batch
+        assert fast_count.calls <= 13 * batches, fast_count.calls
+    assert fast_count.calls < slow_count.calls  # never more passes than one token per pass
+
+
+def test_each_json_pass_after_the_prefill_is_a_choice(tiny_model_dir, box_dataset_dir, processor) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    grammar = AnswerGrammar(processor.tokenizer, "json")
+    choices_seen = []
+    choice = decoding._choice
+
+    def spy(grammar_, generated, logits, chosen):
+        made = choice(grammar_, generated, logits, chosen)
+        choices_seen.append(len(grammar_.allowed(generated)))
+        return made
+
+    decoding._choice = spy
+    try:
+        with CountingForwards(model) as count:
+            generate_answers(model, processor, _images(box_dataset_dir, 1), batch_size=1, progress=False)
+    finally:
+        decoding._choice = choice
+    # with one row every pass ends at a choice; the 10 digit choices of x_min.dd .. y_max (first digit of
+    # a max: 0 or 1, then decimals; mins start with a forced 0) give 1 prefill + 9 passes, or fewer when a
+    # max starts with 1 (its decimals are forced to 00)
+    assert all(n > 1 for n in choices_seen)
+    assert count.calls == len(choices_seen) <= 10
+    assert grammar.forced([])[-2:] == [grammar.digit["0"], grammar.dot]  # the prefill carries "0."
+
+
+# --- the box spread and its calibration --------------------------------------------------------
+
+
+def test_spread_reads_the_digit_distributions() -> None:
+    sure = [decoding.Choice(k, 1, [3, 4], [1.0, 0.0], 3) for k in range(4)]
+    assert decoding.box_spread(sure, '{"x_min": 0.30, "y_min": 0.30, "x_max": 0.40, "y_max": 0.40}', "json") == 0
+    torn = [decoding.Choice(0, 1, [3, 7], [0.5, 0.5], 3)]  # x_min 0.3 or 0.7: std 0.2 on one coordinate
+    raw = '{"x_min": 0.30, "y_min": 0.30, "x_max": 0.80, "y_max": 0.40}'
+    assert decoding.box_spread(torn, raw, "json") == pytest.approx(0.2 / 4)
+    qwen = [decoding.Choice(2, 0, [5, 6], [0.5, 0.5], 5)]  # hundreds digit of a 3-digit number: std 50/1000
+    assert decoding.box_spread(qwen, '{"bbox_2d": [10, 20, 550, 900]}', "qwen") == pytest.approx(0.05 / 4)
+
+
+def test_calibration_recovers_a_known_relation() -> None:
+    rng = np.random.default_rng(0)
+    spreads = np.exp(rng.uniform(-6, -1, 4000))
+    boxes = [(0.2, 0.2, 0.2 + w, 0.2 + w) for w in rng.uniform(0.1, 0.7, 4000)]
+    truth = lambda s, b: 1 / (1 + math.exp(-(-4.0 - 1.5 * math.log(s + 1e-4) + 0.5 * math.log((b[2] - b[0]) ** 2))))  # noqa: E731
+    hits = [rng.random() < truth(s, b) for s, b in zip(spreads, boxes)]
+    calibration = Calibration.fit(spreads, boxes, hits)
+    assert calibration.coef[0] == pytest.approx(-1.5, abs=0.25) and calibration.coef[1] == pytest.approx(0.5, abs=0.25)
+    probs = [calibration.probability(s, b) for s, b in zip(spreads, boxes)]
+    assert expected_calibration_error(probs, hits) < 0.03
+    assert auroc(probs, hits) == pytest.approx(auroc([truth(s, b) for s, b in zip(spreads, boxes)], hits), abs=0.01)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 1), st.booleans()), min_size=2, max_size=30))
+def test_auroc_is_the_chance_a_hit_outranks_a_miss(pairs) -> None:
+    scores, labels = [s for s, _ in pairs], [y for _, y in pairs]
+    hits = [s for s, y in pairs if y]
+    misses = [s for s, y in pairs if not y]
+    area = auroc(scores, labels)
+    if not hits or not misses:
+        assert area is None
+        return
+    brute = sum((h > m) + 0.5 * (h == m) for h in hits for m in misses) / (len(hits) * len(misses))
+    assert area == pytest.approx(brute)
+    assert auroc([-s for s in scores], labels) == pytest.approx(1 - brute)
+
+
+def test_ece_of_known_bins() -> None:
+    assert expected_calibration_error([0.25] * 4, [True, False, False, False]) == pytest.approx(0.0)
+    assert expected_calibration_error([0.95] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.45)
+
+
+# --- the native grounding baseline's parser ----------------------------------------------------
+
+FENCED = """```json
+[
+	{"bbox_2d": [102, 250, 611, 870], "label": "dog"},
+	{"bbox_2d": [500, 50, 990, 990], "label": "person"}
+]
+```"""
+
+
+@pytest.mark.parametrize("text, first, largest", [
+    (FENCED, (0.102, 0.25, 0.611, 0.87), (0.5, 0.05, 0.99, 0.99)),
+    ('{"bbox_2d": [100, 200, 300, 400], "label": "cat"}', (0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)),
+    ('The main subject is here: [{"bbox_2d": [300, 400, 100, 200], "label": "the main subject"}]',
+     (0.1, 0.2, 0.3, 0.4), (0.1, 0.2, 0.3, 0.4)),  # corners swapped
+    ('```json\n[\n  {"bbox_2d": [0, 0, 1000, 500], "label": "a"},\n  {"bbox_2d": [10, 10, 3', (0, 0, 1, 0.5),
+     (0, 0, 1, 0.5)),  # truncated mid-list
+    ('[{"bbox_2d": [0, 0, 1200, 1000]}]', (0, 0, 1, 1), (0, 0, 1, 1)),  # past the grid: clamped
+])
+def test_native_answers_parse(text, first, largest) -> None:
+    assert tuple(parse_native_grounding(text, "first")) == pytest.approx(first)
+    assert tuple(parse_native_grounding(text, "largest")) == pytest.approx(largest)
+
+
+@pytest.mark.parametrize("text", ["", "I cannot see a subject.", '{"bbox_2d": [1, 2, 3]}', '{"bbox_2d": [5, 5, 5, 9]}',
+                                  '{"x_min": 0.1, "y_min": 0.1, "x_max": 0.5, "y_max": 0.5}', None])
+def test_native_answers_without_a_box_give_none(text) -> None:
+    assert parse_native_grounding(text) is None
+
+
+# --- Qwen's real tokenizer ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen_processor():
+    """Qwen's real vocabulary and special-token ids, TRL's original Qwen3-VL template, Qwen's image settings."""
+    tokenizer = build_qwen_tokenizer()
+    assert tokenizer("Hello world")["input_ids"] == [9707, 1879]
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>",
+            "<|vision_start|>", "<|image_pad|>", "<think>")] == [151643, 151644, 151645, 151652, 151655, 151667]
+    processor = build_processor(tokenizer)
+    set_pixel_budget(processor, 128, 160)
+    return processor
+
+
+box_strategy = st.tuples(*[st.floats(0, 1, allow_nan=False)] * 4).map(
+    lambda v: (min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]), max(v[1], v[3])))
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_grammar_composes_what_the_real_tokenizer_encodes(answer_format, qwen_processor) -> None:
+    tokenizer = qwen_processor.tokenizer
+    grammar = AnswerGrammar(tokenizer, answer_format)
+    if answer_format == "json":
+        assert len(tokenizer(format_answer((0.13, 0.22, 0.54, 0.78)))["input_ids"]) + 1 == 41  # + <|im_end|>
+
+    @settings(max_examples=150, deadline=None)
+    @given(box_strategy)
+    def check(box) -> None:
+        encoded = tokenizer(format_answer(box, answer_format), add_special_tokens=False)["input_ids"]
+        assert grammar.compose(box) == encoded
+        for t in range(len(encoded)):  # the automaton allows every token of it, then only <|im_end|>
+            assert encoded[t] in grammar.allowed(encoded[:t]), (box, t)
+        assert grammar.allowed(encoded) == [grammar.eos]
+
+    check()
+
+
+def _records(qwen_processor, n: int = 6) -> list[dict]:
+    from PIL import Image
+
+    from bbox_sft.task import completion_messages, prompt_messages
+
+    rng = random.Random(0)
+    records = []
+    for _ in range(n):
+        w, h = rng.randint(90, 300), rng.randint(90, 300)
+        x0, x1 = sorted(rng.random() for _ in range(2))
+        y0, y1 = sorted(rng.random() for _ in range(2))
+        answer = format_answer((x0, y0, x1, y1), rng.choice(["json", "qwen"]))
+        records.append({"image": Image.new("RGB", (w, h), (rng.randrange(256), 90, 40)), "width": w, "height": h,
+                        "prompt": prompt_messages(), "completion": completion_messages(answer)})
+    return records
+
+
+def test_collator_and_lengths_with_the_real_tokenizer(qwen_processor) -> None:
+    records = _records(qwen_processor)
+    batch = BoxSFTCollator(qwen_processor)(copy.deepcopy(records))
+    tokenizer = qwen_processor.tokenizer
+    for row, record in zip(batch["labels"], records):
+        kept = row[row != IGNORE_INDEX]
+        answer = record["completion"][0]["content"][0]["text"]
+        assert kept.tolist() == tokenizer(answer, add_special_tokens=False)["input_ids"] + [151645]
+    table = datasets.Dataset.from_list([{k: r[k] for k in ("width", "height", "prompt", "completion")}
+                                        for r in records])
+    assert add_lengths(table, qwen_processor)["length"] == batch["attention_mask"].sum(1).tolist()
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_fast_forward_agrees_with_step_by_step_on_the_real_tokenizer(answer_format, qwen_processor, box_dataset_dir,
+                                                                     monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(tiny_config(qwen_processor.tokenizer, hidden_size=64, layers=1)).eval()
+    images = _images(box_dataset_dir, 4)
+    kwargs = dict(answer_format=answer_format, batch_size=2, progress=False)
+    fast = generate_answers(model, qwen_processor, images, **kwargs)
+    slow = generate_answers(model, qwen_processor, images, fast_forward=False, **kwargs)
+    reference = _via_generate(monkeypatch, model, qwen_processor, images, **kwargs)
+    assert [p.raw for p in fast] == [p.raw for p in slow] == [p.raw for p in reference]
+    assert all(p.box is not None for p in fast)
