@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .evaluation import markdown_table
+from .evaluation import confidence_sentence, markdown_table
 from .visualize import save_training_curves
 
 logger = logging.getLogger("bbox_sft.demo")
@@ -159,13 +159,8 @@ def _predict(adapter: Path, images: Path, output: Path, sink) -> float:
 
 
 def _confidence(report: dict) -> str:
-    c = report.get("confidence")
-    if not c:
-        return ""
-    auroc = f"{c['confidence_auroc']:.3f}" if "confidence_auroc" in c else "n/a"
-    return (f"\nBox confidence, P(IoU >= 0.5) calibrated on {c['calibrated_on']} validation images: AUROC {auroc}, "
-            f"expected calibration error {c['confidence_ece']:.3f} on the test images "
-            "(reliability plot: `eval/reliability.png`).\n")
+    line = confidence_sentence(report.get("confidence"))
+    return f"\n{line} On the test images; reliability plot: `eval/reliability.png`.\n" if line else ""
 
 
 def markdown(report: dict) -> str:

@@ -204,11 +204,15 @@ def _native_note(report: dict[str, Any]) -> str:
             f"Qwen-VL's `bbox_2d` on a 0-1000 grid, the {native['pick']} box where several are given.\n\n")
 
 
-def _confidence_note(report: dict[str, Any]) -> str:
-    c = report.get("confidence")
+def confidence_sentence(c: dict[str, Any] | None) -> str:
+    """One line on the box confidence's quality (empty without a calibration)."""
     if not c:
         return ""
     auroc = f"{c['confidence_auroc']:.3f}" if "confidence_auroc" in c else "n/a (one class only)"
     return (f"Confidence (P(IoU >= 0.5), calibrated on {c['calibrated_on']} validation images): "
-            f"AUROC {auroc}, expected calibration error {c['confidence_ece']:.3f}.\n\n"
-            "![reliability](reliability.png)\n\n")
+            f"AUROC {auroc}, expected calibration error {c['confidence_ece']:.3f}.")
+
+
+def _confidence_note(report: dict[str, Any]) -> str:
+    line = confidence_sentence(report.get("confidence"))
+    return f"{line}\n\n![reliability](reliability.png)\n\n" if line else ""
