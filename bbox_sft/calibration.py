@@ -56,10 +56,10 @@ class Calibration:
     def fit(cls, spreads: Sequence[float], boxes: Sequence[Sequence[float]], hits: Sequence[bool],
             l2: float = 1e-2, iterations: int = 50) -> Calibration:
         """Logistic regression by Newton's method (a small L2 penalty keeps separable sets finite)."""
-        x = np.stack([features(s, b) for s, b in zip(spreads, boxes)]) if len(spreads) else np.zeros((0, 2))
-        y = np.asarray(hits, dtype=float)
-        if len(y) == 0:
+        if len(hits) == 0:
             raise ValueError("cannot calibrate on an empty set")
+        x = np.stack([features(s, b) for s, b in zip(spreads, boxes)])
+        y = np.asarray(hits, dtype=float)
         mean, std = x.mean(0), x.std(0) + 1e-9  # standardised features, mapped back at the end
         z = np.column_stack([np.ones(len(y)), (x - mean) / std])
         w = np.zeros(z.shape[1])
@@ -110,18 +110,21 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
     return float((greater + 0.5 * ties) / (len(positives) * len(negatives)))
 
 
+def reliability_bins(probs: Sequence[float], labels: Sequence[bool],
+                     bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean confidence, hit rate, count) of each non-empty equal-width confidence bin."""
+    p, y = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return [(float(p[which == b].mean()), float(y[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]
+
+
 def expected_calibration_error(probs: Sequence[float], labels: Sequence[bool], bins: int = 10) -> float:
     """Mean |hit rate - mean confidence| over equal-width confidence bins, weighted by bin size."""
-    p, y = np.asarray(probs, dtype=float), np.asarray(labels, dtype=float)
-    if len(p) == 0:
+    total = len(probs)
+    if total == 0:
         return 0.0
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    error = 0.0
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            error += inside.sum() / len(p) * abs(y[inside].mean() - p[inside].mean())
-    return float(error)
+    return sum(n / total * abs(rate - mean) for mean, rate, n in reliability_bins(probs, labels, bins))
 
 
 def confidence_metrics(probs: Sequence[float | None], ious: Sequence[float]) -> dict[str, float]:
@@ -144,15 +147,9 @@ def save_reliability_plot(probs: Sequence[float], ious: Sequence[float], path: s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    p, y = np.asarray(probs, dtype=float), np.asarray([iou >= HIT_IOU for iou in ious], dtype=float)
-    which = np.minimum((p * bins).astype(int), bins - 1)
-    centers, rates, counts = [], [], []
-    for b in range(bins):
-        inside = which == b
-        if inside.any():
-            centers.append(p[inside].mean())
-            rates.append(y[inside].mean())
-            counts.append(int(inside.sum()))
+    hits = [iou >= HIT_IOU for iou in ious]
+    binned = reliability_bins(probs, hits, bins)
+    centers, rates, counts = [m for m, _, _ in binned], [r for _, r, _ in binned], [n for _, _, n in binned]
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
     ax.plot(centers, rates, "o-", color="tab:red", label="this model")
@@ -160,8 +157,8 @@ def save_reliability_plot(probs: Sequence[float], ious: Sequence[float], path: s
         ax.annotate(str(n), (c, r), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set_xlabel("confidence: predicted P(IoU >= 0.5)")
     ax.set_ylabel("observed fraction with IoU >= 0.5")
-    ece = expected_calibration_error(p, y.astype(bool), bins)
-    area = auroc(p, y.astype(bool))
+    ece = expected_calibration_error(probs, hits, bins)
+    area = auroc(probs, hits)
     ax.set_title(f"ECE {ece:.3f}" + (f", AUROC {area:.3f}" if area is not None else ""))
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

@@ -233,7 +233,6 @@ class Choice:
     position: int  # digit index within that number
     digits: list[int]  # the allowed digits (values 0-9)
     probs: list[float]  # the model's probabilities of those digits, renormalised over them
-    chosen: int  # the digit written
 
 
 def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float | None:
@@ -256,17 +255,14 @@ def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float
     return sum(v**0.5 for v in variance) / 4
 
 
-def _choice(grammar: AnswerGrammar, generated: Sequence[int], logits: torch.Tensor,
-            chosen: int) -> Choice | None:
-    """The :class:`Choice` at this step, or None where the grammar left no choice between digits."""
-    options, number, chars = grammar.state(generated)
+def _choice(grammar: AnswerGrammar, state: tuple[list[int], int | None, str], logits: torch.Tensor) -> Choice | None:
+    """The :class:`Choice` at a step in grammar ``state``, or None where it left no choice between digits."""
+    options, number, chars = state
     digits = [t for t in options if t in grammar.char_of and t != grammar.dot]
     if number is None or len(digits) < 2:
         return None
     probs = logits.float()[digits].softmax(-1).tolist()
-    values = [int(grammar.char_of[t]) for t in digits]
-    written = int(grammar.char_of[chosen]) if chosen in digits else -1
-    return Choice(number, len(chars.replace(".", "")), values, probs, written)
+    return Choice(number, len(chars.replace(".", "")), [int(grammar.char_of[t]) for t in digits], probs)
 
 
 def _inner_model(model: PreTrainedModel) -> tuple[PreTrainedModel, torch.nn.Module | None]:
@@ -299,7 +295,6 @@ class ForcedTokenDecoder:
         self.base, self.body = _inner_model(model)
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
-        self.forward_calls = 0
 
     @classmethod
     def supports(cls, model: PreTrainedModel) -> bool:
@@ -307,7 +302,6 @@ class ForcedTokenDecoder:
         return _inner_model(model)[1] is not None
 
     def _forward(self, **inputs) -> torch.Tensor:
-        self.forward_calls += 1
         return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
 
     def decode(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[Choice]]]:
@@ -325,10 +319,10 @@ class ForcedTokenDecoder:
         text = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         positions = torch.cat([text[None], rope], 0)  # generate's 4 rows: text, then M-RoPE t/h/w
         cache = DynamicCache(config=self.base.config)
-        first = True
+        first, fed = True, 0
         inputs: dict[str, torch.Tensor] = {}
         while True:
-            finished_here = all(done) or len(written[0]) >= self.max_new_tokens
+            finished_here = all(done) or fed >= self.max_new_tokens
             if self.synced_gpus:  # every rank runs every pass until all ranks are done (sharded weights)
                 flag = torch.tensor(0.0 if finished_here else 1.0, device=device)
                 torch.distributed.all_reduce(flag)
@@ -337,10 +331,11 @@ class ForcedTokenDecoder:
             elif finished_here:
                 break
             live = [r for r in range(rows) if not done[r]] or list(range(rows))
-            if self.fast_forward:
-                n = min(len(pending[r]) for r in live)
+            if self.fast_forward:  # after the prefill at least one token (a rank done early feeds padding)
+                n = min(len(pending[r]) for r in live) if first else max(1, min(len(pending[r]) for r in live))
             else:  # generate's way: the prompt alone, then one token per pass
                 n = 0 if first else 1
+            fed += n
             feed = [pending[r][:n] + [self.pad] * (n - len(pending[r][:n])) for r in range(rows)]
             for r in range(rows):
                 if not done[r]:
@@ -361,13 +356,14 @@ class ForcedTokenDecoder:
             for r in range(rows):
                 if done[r] or pending[r]:
                     continue  # finished, or still has forced tokens queued: no choice to make here
-                options = grammar.allowed(written[r])
+                state = grammar.state(written[r])
+                options = state[0]
                 if len(options) == 1 and options[0] == grammar.eos:
                     written[r].append(grammar.eos)
                     done[r] = True
                     continue
                 token = options[int(logits[r, options].argmax())]
-                choice = _choice(grammar, written[r], logits[r], token)
+                choice = _choice(grammar, state, logits[r])
                 if choice is not None:
                     choices[r].append(choice)
                 pending[r] = [token, *grammar.forced([*written[r], token])]
@@ -455,6 +451,9 @@ def _generate(model: PreTrainedModel, batch, grammar: AnswerGrammar | None, eos:
     for row, ids in enumerate(tokens):
         ids = ids[: ids.index(eos) + 1] if eos in ids else ids
         written.append(ids)
-        mine = [_choice(grammar, ids[:t], out.logits[t][row], ids[t]) for t in range(len(ids))] if grammar else []
+        if grammar is None:
+            choices.append([])
+            continue
+        mine = [_choice(grammar, grammar.state(ids[:t]), out.logits[t][row]) for t in range(len(ids))]
         choices.append([c for c in mine if c is not None])
     return written, choices

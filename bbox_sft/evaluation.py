@@ -26,7 +26,7 @@ from .data.prepare import load_or_build_dataset
 from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
 from .metrics import METRIC_NAMES, box_metrics
-from .predict import BoxPredictor, adapter_base, load_for_inference, trained_answer_format
+from .predict import BoxPredictor, adapter_base, load_for_inference, rounded, trained_answer_format
 from .task import NATIVE_GROUNDING_INSTRUCTION, parse_native_grounding
 from .visualize import save_box_grid
 
@@ -128,7 +128,7 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
                                              instruction=NATIVE_GROUNDING_INSTRUCTION, parse=parse_native)
             for record, p, b, q in zip(records, mine, theirs, asked):
                 line = {"image_id": record["image_id"], "truth": record["box"], "box": p.box, "raw": p.raw,
-                        "confidence": _rounded(p.confidence), "spread": _rounded(p.spread)}
+                        "confidence": rounded(p.confidence), "spread": rounded(p.spread)}
                 if b is not None:
                     line["base_box"], line["base_raw"] = b.box, b.raw
                 if q is not None:
@@ -168,10 +168,6 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
     if skipped:
         logger.warning("%d record(s) skipped: %s", len(skipped), ", ".join(s["image_id"] for s in skipped))
     return rows
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(value, 4)
 
 
 def is_qwen_vl(model) -> bool:

@@ -87,13 +87,14 @@ class ImageResult:
             "image": self.path,
             "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), box)) if box else None,
             "box_px": list(box.to_pixels(self.width, self.height)) if box else None,
-            "confidence": _rounded(self.prediction.confidence),
-            "spread": _rounded(self.prediction.spread),
+            "confidence": rounded(self.prediction.confidence),
+            "spread": rounded(self.prediction.spread),
             "raw": self.prediction.raw,
         }
 
 
-def _rounded(value: float | None) -> float | None:
+def rounded(value: float | None) -> float | None:
+    """A probability or spread as written in JSON lines: 4 decimals, None kept."""
     return None if value is None else round(value, 4)
 
 

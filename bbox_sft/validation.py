@@ -91,7 +91,6 @@ class BoxSFTTrainer(SFTTrainer):
         """
         n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         predictions = self.generate_gathered(dataset, n)
-        gathered = [(i, p.box, p.raw) for i, p in enumerate(predictions)]
         references = dataset.select(range(n))["box"]
         boxes = [p.box for p in predictions]
         metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
@@ -100,7 +99,7 @@ class BoxSFTTrainer(SFTTrainer):
             confidences = [p.confidence for p in predictions]
             metrics.update({f"{prefix}_{k}": v for k, v in confidence_metrics(confidences, ious).items()})
         if self.accelerator.is_main_process:
-            self._write_grid(dataset, gathered, metrics, prefix)
+            self._write_grid(dataset, predictions, metrics, prefix)
         return metrics
 
     def generate_gathered(self, dataset, n: int) -> list[Prediction]:
@@ -150,15 +149,16 @@ class BoxSFTTrainer(SFTTrainer):
                         self.calibration.fitted_on, self.calibration.hit_rate, path)
         return self.calibration
 
-    def _write_grid(self, dataset, gathered: list, metrics: dict[str, float], prefix: str = "eval") -> None:
+    def _write_grid(self, dataset, predictions: list[Prediction], metrics: dict[str, float],
+                    prefix: str = "eval") -> None:
         folder = Path(self.args.output_dir) / "validation"
         step = self.state.global_step
-        shown = dataset.select(range(min(self.grid_images, len(gathered))))
-        items = [(r["image"], r["box"], box, None) for r, (_, box, _) in zip(shown, gathered)]
+        shown = dataset.select(range(min(self.grid_images, len(predictions))))
+        items = [(r["image"], r["box"], p.box, None) for r, p in zip(shown, predictions)]
         name = f"step-{step:06d}.png" if prefix == "eval" else f"{prefix}-step-{step:06d}.png"
         save_box_grid(items, folder / name)
         record = {"step": step, "split": prefix, **metrics,
-                  "answers": [raw for _, _, raw in gathered[: self.grid_images]]}
+                  "answers": [p.raw for p in predictions[: self.grid_images]]}
         with open(folder / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

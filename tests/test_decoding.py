@@ -80,10 +80,9 @@ def test_each_json_pass_after_the_prefill_is_a_choice(tiny_model_dir, box_datase
     choices_seen = []
     choice = decoding._choice
 
-    def spy(grammar_, generated, logits, chosen):
-        made = choice(grammar_, generated, logits, chosen)
-        choices_seen.append(len(grammar_.allowed(generated)))
-        return made
+    def spy(grammar_, state, logits):
+        choices_seen.append(len(state[0]))
+        return choice(grammar_, state, logits)
 
     decoding._choice = spy
     try:
@@ -103,12 +102,12 @@ def test_each_json_pass_after_the_prefill_is_a_choice(tiny_model_dir, box_datase
 
 
 def test_spread_reads_the_digit_distributions() -> None:
-    sure = [decoding.Choice(k, 1, [3, 4], [1.0, 0.0], 3) for k in range(4)]
+    sure = [decoding.Choice(k, 1, [3, 4], [1.0, 0.0]) for k in range(4)]
     assert decoding.box_spread(sure, '{"x_min": 0.30, "y_min": 0.30, "x_max": 0.40, "y_max": 0.40}', "json") == 0
-    torn = [decoding.Choice(0, 1, [3, 7], [0.5, 0.5], 3)]  # x_min 0.3 or 0.7: std 0.2 on one coordinate
+    torn = [decoding.Choice(0, 1, [3, 7], [0.5, 0.5])]  # x_min 0.3 or 0.7: std 0.2 on one coordinate
     raw = '{"x_min": 0.30, "y_min": 0.30, "x_max": 0.80, "y_max": 0.40}'
     assert decoding.box_spread(torn, raw, "json") == pytest.approx(0.2 / 4)
-    qwen = [decoding.Choice(2, 0, [5, 6], [0.5, 0.5], 5)]  # hundreds digit of a 3-digit number: std 50/1000
+    qwen = [decoding.Choice(2, 0, [5, 6], [0.5, 0.5])]  # hundreds digit of a 3-digit number: std 50/1000
     assert decoding.box_spread(qwen, '{"bbox_2d": [10, 20, 550, 900]}', "qwen") == pytest.approx(0.05 / 4)
 
 
