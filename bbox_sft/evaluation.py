@@ -26,7 +26,7 @@ from .data.prepare import load_or_build_dataset
 from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
 from .metrics import METRIC_NAMES, box_metrics
-from .predict import BoxPredictor, adapter_base, load_for_inference, rounded, trained_answer_format
+from .predict import BoxPredictor, adapter_base, load_for_inference, resolve_adapter, rounded, trained_answer_format
 from .task import NATIVE_GROUNDING_INSTRUCTION, parse_native_grounding
 from .visualize import save_box_grid
 
@@ -96,11 +96,12 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
     if len(split) == 0:
         raise ValueError(f"{args.dataset}: split {args.split!r} is empty, nothing to evaluate")
     prior, prior_source = center_prior(dataset, args.split)
-    model, processor = load_for_inference(args.adapter, args.base)
-    calibration = Calibration.load(args.adapter)
-    predictor = BoxPredictor(model, processor, answer_format=trained_answer_format(args.adapter),
+    adapter_dir = resolve_adapter(args.adapter)
+    model, processor = load_for_inference(adapter_dir, args.base)
+    calibration = Calibration.load(adapter_dir)
+    predictor = BoxPredictor(model, processor, answer_format=trained_answer_format(adapter_dir),
                              constrained=args.constrained, batch_size=args.batch_size, calibration=calibration)
-    has_base = adapter_base(args.adapter) is not None and hasattr(model, "disable_adapter")
+    has_base = adapter_base(adapter_dir) is not None and predictor.has_adapter
     native = args.native_baseline if args.native_baseline is not None else has_base and is_qwen_vl(model)
     if args.native_pick not in ("first", "largest"):
         raise ValueError(f"native_pick must be 'first' or 'largest', got {args.native_pick!r}")
@@ -119,7 +120,7 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
             mine = predictor.predict(images)
             theirs: list[Prediction | None] = [None] * len(images)
             asked: list[Prediction | None] = [None] * len(images)
-            with model.disable_adapter() if has_base else contextlib.nullcontext():
+            with predictor.without_adapter() if has_base else contextlib.nullcontext():
                 if has_base:
                     theirs = predictor.predict(images)
                 if native:

@@ -4,12 +4,14 @@
     [prediction] = predictor.predict([Image.open("photo.jpg")])
     prediction.box, prediction.confidence  # P(IoU >= 0.5), from the calibration saved with the adapter
 
-The base model id is read from the adapter's ``adapter_config.json`` (or given with ``base``); a
-folder holding a full model (a run with ``use_peft: false``) loads directly.
+The adapter is a local folder or a Hub repo id (downloaded with ``huggingface_hub``). The base
+model id is read from the adapter's ``adapter_config.json`` (or given with ``base``); a folder
+holding a full model (a run with ``use_peft: false``) loads directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +35,28 @@ class AdapterError(ValueError):
     """A missing adapter folder, or an adapter that does not fit its base model."""
 
 
+def resolve_adapter(adapter: str | Path) -> Path:
+    """The local folder of an adapter given as a folder or as a Hub repo id ("owner/name").
+
+    A repo id is fetched with ``huggingface_hub.snapshot_download`` (from the local cache when
+    offline), as ``PeftModel.from_pretrained`` would, so the processor and the calibration saved
+    beside the adapter come with it.
+    """
+    path = Path(adapter)
+    if path.is_dir():
+        return path
+    name = str(adapter)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")) and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(name))
+        except Exception as error:  # offline, unknown repo, no access: all mean the same to the user
+            raise AdapterError(f"adapter {name}: no such local folder, and the Hub repo could not be fetched "
+                               f"({type(error).__name__}: {error})") from error
+    raise AdapterError(f"adapter folder {adapter} does not exist")
+
+
 def adapter_base(adapter_dir: str | Path) -> str | None:
     """The base model an adapter was trained on (None for a full model folder)."""
     adapter_dir = Path(adapter_dir)
@@ -49,9 +73,7 @@ def load_for_inference(adapter_dir: str | Path, base: str | None = None,
     """Base model (+ the peft adapter unless ``load_adapter`` is False) and the processor saved with it."""
     from peft import PeftModel
 
-    adapter_dir = Path(adapter_dir)
-    if not adapter_dir.is_dir():
-        raise AdapterError(f"adapter folder {adapter_dir} does not exist")
+    adapter_dir = resolve_adapter(adapter_dir)
     trained_on = adapter_base(adapter_dir)
     base = base or trained_on or str(adapter_dir)
     setup = detect_device()
@@ -111,18 +133,37 @@ class BoxPredictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_pretrained(cls, adapter_dir: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
+    def from_pretrained(cls, adapter: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
+        """Load an adapter folder or Hub repo id (with its base model, processor and calibration)."""
+        adapter_dir = resolve_adapter(adapter)
         model, processor = load_for_inference(adapter_dir, base)
         kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
-    def predict(self, images: Sequence[Image.Image], progress: bool = False) -> list[Prediction]:
-        return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
-                                constrained=self.constrained, batch_size=self.batch_size, progress=progress,
-                                calibration=self.calibration)
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the model carries a peft adapter that can be turned off (not a merged or full model)."""
+        return hasattr(self.model, "disable_adapter")
 
-    def predict_files(self, paths: Iterable[str | Path], window: int | None = None) -> Iterator[ImageResult]:
+    @contextlib.contextmanager
+    def without_adapter(self) -> Iterator[None]:
+        """The base model's answers inside this block: peft's ``disable_adapter``, nothing reloaded."""
+        if not self.has_adapter:
+            raise AdapterError("this model has no adapter to turn off (a full or merged model)")
+        with self.model.disable_adapter():
+            yield
+
+    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True
+                ) -> list[Prediction]:
+        """Boxes for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated)."""
+        with contextlib.nullcontext() if adapter else self.without_adapter():
+            return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
+                                    constrained=self.constrained, batch_size=self.batch_size, progress=progress,
+                                    calibration=self.calibration if adapter else None)
+
+    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True
+                      ) -> Iterator[ImageResult]:
         """Results for image files, in the order given, a window of a few batches at a time.
 
         Each image is decoded small and shrunk to the processor's size as it is read, and at most
@@ -143,7 +184,7 @@ class BoxPredictor:
                     continue
                 loaded.append((i, image))
                 results[i] = ImageResult(path, None, width, height)
-            predictions = self.predict([image for _, image in loaded])
+            predictions = self.predict([image for _, image in loaded], adapter=adapter)
             for (i, _), prediction in zip(loaded, predictions):
                 results[i].prediction = prediction  # type: ignore[union-attr]
             yield from results  # type: ignore[misc]

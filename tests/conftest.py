@@ -52,3 +52,25 @@ def processor(tiny_model_dir: Path):
     processor = AutoProcessor.from_pretrained(tiny_model_dir)
     set_pixel_budget(processor, 128, 160)
     return processor
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on a briefly fully fine-tuned tiny base (as the demo does, in miniature)."""
+    from bbox_sft.train import main as train
+    from bbox_sft.train import parse_args
+
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml")
+
+    def args(model: Path, out: Path, *extra: str) -> list[str]:
+        return [recipe, "--model_name_or_path", str(model), "--dataset_name", str(box_dataset_dir),
+                "--output_dir", str(out), "--image_min_side", "128", "--image_max_side", "160",
+                "--build_tiny_model", "false", "--disable_tqdm", "true", "--per_device_eval_batch_size", "8",
+                "--save_strategy", "no", "--warmup_steps", "0", *extra]
+
+    root = tmp_path_factory.mktemp("adapter")
+    train(*parse_args(args(tiny_model_dir, root / "base", "--max_steps", "50", "--learning_rate", "2e-3")))
+    train(*parse_args(args(root / "base", root / "run", "--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32",
+                           "--learning_rate", "1e-3", "--max_steps", "10", "--train_merger", "false",
+                           "--train_vision_tower", "false")))
+    return root / "run"

@@ -37,19 +37,6 @@ def _train_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--disable_tqdm", "true", "--per_device_eval_batch_size", "8", *extra]
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path_factory) -> Path:
-    """A LoRA adapter on a briefly fully fine-tuned tiny base (as the demo does, in miniature)."""
-    root = tmp_path_factory.mktemp("adapter")
-    train(*parse_args(_train_args(tiny_model_dir, box_dataset_dir, root / "base", "--max_steps", "50",
-                                  "--learning_rate", "2e-3", "--save_strategy", "no", "--warmup_steps", "0")))
-    train(*parse_args(_train_args(root / "base", box_dataset_dir, root / "run", "--use_peft", "true",
-                                  "--lora_r", "16", "--lora_alpha", "32", "--learning_rate", "1e-3",
-                                  "--max_steps", "10", "--save_strategy", "no", "--train_merger", "false",
-                                  "--train_vision_tower", "false", "--warmup_steps", "0")))
-    return root / "run"
-
-
 # --- metrics ---------------------------------------------------------------------------------
 
 
@@ -305,3 +292,22 @@ def test_adapter_on_a_base_it_does_not_fit_exits_naming_both(adapter_dir, tmp_pa
     code = cli(["predict", "--adapter", str(adapter_dir), "--image", "x.jpg", "--base", str(other)])
     assert code != 0
     assert "does not fit base model" in caplog.text and str(other) in caplog.text
+
+
+def test_an_adapter_given_as_a_hub_repo_id_loads_from_the_hub_cache(adapter_dir, image_folder, tmp_path) -> None:
+    """``--adapter owner/name`` goes through huggingface_hub.snapshot_download (here: its offline cache)."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny-bbox" / "snapshots" / ("0" * 40)
+    shutil.copytree(adapter_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    bbox_sft = str(Path(sys.executable).with_name("bbox-sft"))
+
+    def predict(adapter: str) -> subprocess.CompletedProcess:
+        return subprocess.run([bbox_sft, "predict", "--adapter", adapter, "--dir", str(image_folder)],
+                              capture_output=True, text=True, env=env)
+
+    by_id, by_folder = predict("someone/tiny-bbox"), predict(str(adapter_dir))
+    assert by_id.stdout.count("\n") == len(list(image_folder.iterdir())) and by_id.stdout == by_folder.stdout
+    missing = predict("someone/not-there")
+    assert missing.returncode == 2 and "adapter someone/not-there: no such local folder" in missing.stderr
