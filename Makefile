@@ -8,7 +8,7 @@ ifeq ($(shell uname -sm),Linux x86_64)
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint bench clean
 
 $(BIN)/bbox-sft: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ $(BIN)/bbox-sft: pyproject.toml
 
 install: $(BIN)/bbox-sft
 
-test: install
+# The app's test drives a real Chromium: Debian's, installed where it is missing and apt-get can.
+browser:
+	@command -v chromedriver >/dev/null || ! command -v apt-get >/dev/null || \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) || \
+	  echo "could not install chromium + chromium-driver: tests/test_app.py will fail and say so"
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: install

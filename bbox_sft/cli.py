@@ -8,6 +8,7 @@
     bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png]
     bbox-sft merge    --adapter outputs/run --output outputs/merged
     bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
+    bbox-sft app      [--adapter outputs/run] [--port 7860]
 """
 
 from __future__ import annotations
@@ -187,6 +188,14 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _app(argv: list[str]) -> int:
+    try:
+        from .app import main as app_main
+    except ImportError as error:  # gradio is the `app` extra
+        raise ValueError(f"the app needs gradio: pip install -e '.[app]' ({error})") from error
+    return app_main(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train with a recipe under accelerate launch (same as accelerate launch bbox_sft/train.py)"),
     "synth": (_synth, "write a synthetic saliency set in the DUTS layout"),
@@ -195,6 +204,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "predict": (_predict, "boxes for an image or a folder of images"),
     "merge": (_merge, "merge an adapter into its base model"),
     "push": (_push, "push an adapter folder (with its model card) to the Hub"),
+    "app": (_app, "a web page (Gradio) that shows the adapter's boxes on your images"),
 }
 
 

@@ -11,6 +11,7 @@ import pytest
 from transformers import HfArgumentParser
 
 from bbox_sft import cli
+from bbox_sft.app import AppArguments
 from bbox_sft.data.prepare import PrepareArguments
 from bbox_sft.evaluation import EvalArguments
 from bbox_sft.train import parse_args
@@ -23,6 +24,7 @@ PARSERS = {
     "predict": cli.PredictArguments,
     "merge": cli.MergeArguments,
     "push": cli.PushArguments,
+    "app": AppArguments,
 }
 
 

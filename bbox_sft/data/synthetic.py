@@ -131,3 +131,18 @@ def write_synthetic_set(
         cv2.imwrite(str(mask_dir / f"{stem}.png"), mask)
     logger.info("wrote %d %s images to %s", n, domain, root)
     return root
+
+
+def write_example_images(output_dir: str | Path, n: int = 4, seed: int = 4, domain: Domain = "cluttered"
+                         ) -> list[Path]:
+    """``n`` images (no masks) for a page's examples, written only where missing; their paths."""
+    output_dir = Path(output_dir)
+    paths = [output_dir / f"example_{domain}_{seed}_{i}.jpg" for i in range(n)]
+    if all(p.is_file() for p in paths):
+        return paths
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for path in paths:
+        img, _ = make_sample(rng, domain)
+        cv2.imwrite(str(path), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return paths
