@@ -1,7 +1,7 @@
 """The ``bbox-sft`` command: one sub-command per stage, each a dataclass parsed by ``HfArgumentParser``.
 
     bbox-sft train    recipes/qwen3vl_lora.yaml [--field value ...]
-    bbox-sft synth    --output_dir data/synth --n 300
+    bbox-sft synth    --output_dir data/synth --n 300 [--task objects]
     bbox-sft prepare  --data_dir data/synth --output_dir data/saliency [--visualize]
     bbox-sft prepare  --download_help
     bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
@@ -33,14 +33,23 @@ class SynthArguments:
     n: int = field(default=300, metadata={"help": "Number of images."})
     seed: int = field(default=0, metadata={"help": "Random seed."})
     domain: str = field(default="plain", metadata={"help": "plain | cluttered"})
+    task: str = field(default="subject", metadata={
+        "help": "subject: images + masks (DUTS layout); objects: images with several named shapes + a COCO "
+                "instances file (images/ + annotations.json)"})
 
 
 def _synth(argv: list[str]) -> int:
-    from .data.synthetic import write_synthetic_set
+    from .data.synthetic import write_synthetic_coco, write_synthetic_set
 
     (args,) = HfArgumentParser(SynthArguments).parse_args_into_dataclasses(args=argv)
-    root = write_synthetic_set(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)
-    logger.info("wrote %d images and masks under %s", args.n, root)
+    if args.task == "objects":
+        root = write_synthetic_coco(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)
+        logger.info("wrote %d images and %s", args.n, root / "annotations.json")
+    elif args.task == "subject":
+        root = write_synthetic_set(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)
+        logger.info("wrote %d images and masks under %s", args.n, root)
+    else:
+        raise ValueError(f"--task must be subject or objects, got {args.task!r}")
     return 0
 
 

@@ -225,7 +225,7 @@ def test_builder_skips_what_the_processor_cannot_take_and_fixes_odd_modes(synthe
                                                train_size=100, val_size=0, test_size=0))
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     named = {Path(f["image"]).stem: f["reason"] for f in report["skipped_files"]}
-    assert named == {"wide": "processor_limit", "bomb": "too_many_pixels", "dangling": "unreadable_image"}
+    assert named == {"wide": "processor_limit", "bomb": "too_many_pixels", "dangling": "missing_file"}
     assert "aspect ratio 400:1" in next(f["detail"] for f in report["skipped_files"] if "wide" in f["image"])
     assert report["handled"] == {"converted_I;16_to_RGB": 1, "animated_first_frame": 1, "converted_P_to_RGB": 1}
     records = {r["image_id"]: r for r in dataset["train"]}

@@ -28,6 +28,7 @@ class PairCheck:
     detail: str = ""
     handled: list[str] = field(default_factory=list)
     reencode: bool = False  # stored pixels differ from the file's: re-encode instead of copying bytes
+    transpose: Image.Transpose | None = None  # EXIF turn from the stored pixels to the upright image
 
 
 def image_bytes(path: str, reencode: bool) -> bytes:
@@ -44,18 +45,9 @@ def image_bytes(path: str, reencode: bool) -> bytes:
     return buffer.getvalue()
 
 
-def check_pair(
-    image_path: str,
-    mask_path: str | None,
-    threshold: int = 128,
-    box_mode: BoxMode = "largest",
-    min_fraction: float = 0.25,
-) -> PairCheck:
-    """Open, decode and measure one pair; compute its box."""
+def check_image(image_path: str) -> PairCheck:
+    """Open and fully decode one image: its upright size and the fixes it needs, or why it is skipped."""
     result = PairCheck()
-    if mask_path is None:
-        result.skip, result.detail = "missing_mask", "no mask with this image's file stem"
-        return result
     try:
         with Image.open(image_path) as image:
             image.load()  # decode fully: truncated files fail here, not during training
@@ -65,6 +57,9 @@ def check_pair(
             animated = getattr(image, "n_frames", 1) > 1
     except Image.DecompressionBombError as error:
         result.skip, result.detail = "too_many_pixels", f"over PIL's pixel limit: {error}"
+        return result
+    except FileNotFoundError as error:
+        result.skip, result.detail = "missing_file", f"no such file: {error.filename}"
         return result
     except Exception as error:  # PIL raises many types for bad files
         result.skip, result.detail = "unreadable_image", f"{type(error).__name__}: {error}"
@@ -84,7 +79,24 @@ def check_pair(
         result.reencode = True
         if transpose in SIDEWAYS:
             width, height = height, width
+    result.width, result.height, result.transpose = width, height, transpose
+    return result
 
+
+def check_pair(
+    image_path: str,
+    mask_path: str | None,
+    threshold: int = 128,
+    box_mode: BoxMode = "largest",
+    min_fraction: float = 0.25,
+) -> PairCheck:
+    """Open, decode and measure one pair; compute its box."""
+    if mask_path is None:
+        return PairCheck(skip="missing_mask", detail="no mask with this image's file stem")
+    result = check_image(image_path)
+    if result.skip is not None:
+        return result
+    width, height, transpose = result.width, result.height, result.transpose
     mask = cv2.imread(mask_path, cv2.IMREAD_GRAYSCALE)
     if mask is None:
         result.skip, result.detail = "unreadable_mask", "OpenCV could not decode the mask"

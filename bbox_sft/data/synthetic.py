@@ -8,10 +8,14 @@ Two domains give the demo a distribution shift to fine-tune across: ``plain`` (a
 subject on a dark, near-flat or gradient background) and ``cluttered`` (a dark striped subject on
 bright low-contrast stripes, checkers or gradients, with more distractors). A model trained on one
 looks for the wrong kind of region in the other.
+
+For the list tasks, :func:`write_synthetic_coco` writes images with several named shapes (ellipse,
+rectangle, triangle, star) and a COCO instances file, the format detection tools export.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Literal
@@ -61,9 +65,10 @@ def _background(rng: np.random.Generator, h: int, w: int, domain: Domain) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def _shape_mask(rng: np.random.Generator, h: int, w: int, cx: int, cy: int, rx: int, ry: int) -> np.ndarray:
+def _shape_mask(rng: np.random.Generator, h: int, w: int, cx: int, cy: int, rx: int, ry: int,
+                shape: str | None = None) -> np.ndarray:
     mask = np.zeros((h, w), np.uint8)
-    shape = rng.choice(SHAPES)
+    shape = shape or rng.choice(SHAPES)
     if shape == "ellipse":
         cv2.ellipse(mask, (cx, cy), (rx, ry), float(rng.uniform(0, 180)), 0, 360, 255, -1)
     elif shape == "rectangle":
@@ -146,3 +151,58 @@ def write_example_images(output_dir: str | Path, n: int = 4, seed: int = 4, doma
         img, _ = make_sample(rng, domain)
         cv2.imwrite(str(path), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
     return paths
+
+
+# --- objects: several named shapes per image, as a COCO instances file -------------------------
+
+OBJECT_LABELS = ("ellipse", "rectangle", "triangle", "star")
+
+
+def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_objects: int = 4
+                        ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
+    """One RGB image with 0..``max_objects`` named shapes that do not touch, and their COCO boxes
+    (``[x, y, w, h]`` in pixels, the tight box of each painted shape)."""
+    _, colours, _ = PALETTES[domain]
+    w, h = int(rng.integers(256, 417)), int(rng.integers(192, 321))
+    img = _background(rng, h, w, domain)
+    taken = np.zeros((h, w), bool)
+    objects = []
+    for _ in range(int(rng.integers(0, max_objects + 1))):
+        for _attempt in range(20):  # a free place for the shape, with a margin around it
+            scale = rng.uniform(0.08, 0.22)
+            rx, ry = int(w * scale * rng.uniform(0.7, 1.0)), int(h * scale * rng.uniform(0.7, 1.0))
+            cx, cy = int(rng.uniform(rx, w - rx)), int(rng.uniform(ry, h - ry))
+            label = str(rng.choice(OBJECT_LABELS))
+            mask = _shape_mask(rng, h, w, cx, cy, rx, ry, shape=label)
+            grown = cv2.dilate(mask, np.ones((9, 9), np.uint8)) > 0
+            if mask.any() and not (grown & taken).any():
+                break
+        else:
+            continue
+        taken |= grown
+        _paint(img, mask, rng, _colour(rng, colours), textured=domain == "cluttered")
+        objects.append((label, tuple(int(v) for v in cv2.boundingRect(mask))))
+    return img, objects
+
+
+def write_synthetic_coco(output_dir: str | Path, n: int = 300, seed: int = 0, domain: Domain = "plain",
+                         max_objects: int = 4) -> Path:
+    """``n`` images under ``output_dir/images`` and their ``output_dir/annotations.json`` (COCO instances)."""
+    root = Path(output_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(OBJECT_LABELS)]
+    ids = {c["name"]: c["id"] for c in categories}
+    images, annotations = [], []
+    for i in trange(n, desc=f"Writing {domain} object images", unit="img"):
+        img, objects = make_objects_sample(rng, domain, max_objects)
+        name = f"objects_{seed}_{i:06d}.jpg"
+        cv2.imwrite(str(root / "images" / name), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
+        for label, (x, y, bw, bh) in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": ids[label],
+                                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0})
+    (root / "annotations.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))
+    logger.info("wrote %d %s images with %d objects to %s", n, domain, len(annotations), root)
+    return root

@@ -1,0 +1,169 @@
+"""Lists of labelled boxes: answer texts, their parser, one-to-one matching and detection metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bbox_sft.boxes import Box
+from bbox_sft.detection import detection_metrics, match
+from bbox_sft.objects import LabelledBox, format_objects, ordered, parse_objects
+from bbox_sft.task import quantize
+
+LABELS = ["cat", "dog", "traffic light", 'say "cheese"', "café"]
+
+
+@st.composite
+def objects(draw, max_size: int = 6) -> list[LabelledBox]:
+    items = []
+    for _ in range(draw(st.integers(0, max_size))):  # boxes at least 0.02 wide and high, as the data has
+        x0, y0 = draw(st.floats(0, 0.98)), draw(st.floats(0, 0.98))
+        x1, y1 = draw(st.floats(x0 + 0.02, 1)), draw(st.floats(y0 + 0.02, 1))
+        items.append(LabelledBox(draw(st.sampled_from(LABELS)), Box(x0, y0, x1, y1)))
+    return items
+
+
+def _quantized(items: list[LabelledBox], answer_format: str) -> list[LabelledBox]:
+    return [LabelledBox(o.label, quantize(o.box, answer_format)) for o in ordered(items, answer_format)]
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+@settings(max_examples=150, deadline=None)
+@given(items=objects())
+def test_parse_reads_back_exactly_what_format_writes_in_answer_order(items, answer_format) -> None:
+    text = format_objects(items, answer_format)
+    parsed = parse_objects(text)
+    assert parsed == _quantized(items, answer_format)
+    assert json.loads(text) is not None  # valid JSON, labels escaped
+    keys = [(o.box.x_min, o.box.y_min) for o in parsed]
+    assert keys == sorted(keys), "ordered by x_min, then y_min"
+    assert format_objects(parsed, answer_format) == text, "one right answer text per set of objects"
+
+
+def test_answer_texts_look_like_the_documented_formats() -> None:
+    items = [LabelledBox("dog", Box(0.5, 0.1, 0.9, 0.4)), LabelledBox("cat", Box(0.13, 0.22, 0.54, 0.78))]
+    assert format_objects(items) == ('[{"label": "cat", "x_min": 0.13, "y_min": 0.22, "x_max": 0.54, "y_max": 0.78}, '
+                                     '{"label": "dog", "x_min": 0.50, "y_min": 0.10, "x_max": 0.90, "y_max": 0.40}]')
+    assert format_objects(items, "qwen") == ('[{"bbox_2d": [130, 220, 540, 780], "label": "cat"}, '
+                                             '{"bbox_2d": [500, 100, 900, 400], "label": "dog"}]')
+    assert format_objects([]) == "[]" and parse_objects("[]") == []
+
+
+def test_parse_takes_real_style_outputs_and_never_raises() -> None:
+    fenced = ('```json\n[\n  {"bbox_2d": [10, 20, 300, 400], "label": "cat"},\n'
+              '  {"bbox_2d": [500, 0, 990, 610], "label": "dog"}\n]\n```')
+    assert parse_objects(fenced) == [LabelledBox("cat", Box(0.01, 0.02, 0.3, 0.4)),
+                                     LabelledBox("dog", Box(0.5, 0.0, 0.99, 0.61))]
+    cut = '[{"label": "cat", "x_min": 0.10, "y_min": 0.20, "x_max": 0.30, "y_max": 0.40}, {"label": "dog", "x_m'
+    assert parse_objects(cut) == [LabelledBox("cat", Box(0.1, 0.2, 0.3, 0.4))]
+    no_label = '[{"x_min": 0.1, "y_min": 0.2, "x_max": 0.3, "y_max": 0.4}]'
+    assert parse_objects(no_label) == []
+    for text in ("", "none here", "[1, 2, 3]", '{"label": 3}', None, "[{", "[[[["):
+        assert parse_objects(text) is None, text
+
+
+def test_matching_is_one_to_one_by_label_and_prefers_the_best_total_overlap() -> None:
+    truth = [LabelledBox("cat", Box(0.0, 0.0, 0.5, 0.5)), LabelledBox("cat", Box(0.4, 0.0, 0.9, 0.5))]
+    # the first prediction overlaps both truths; greedy matching by best IoU would strand the second
+    predicted = [LabelledBox("cat", Box(0.2, 0.0, 0.7, 0.5)), LabelledBox("cat", Box(0.0, 0.0, 0.45, 0.5))]
+    assert sorted(match(predicted, truth, threshold=0.3)) == [(0, 1), (1, 0)]
+    assert match([LabelledBox("dog", truth[0].box)], truth) == [], "labels must agree"
+    assert match(truth + truth, truth) == [(0, 0), (1, 1)], "each truth matched once"
+
+
+def test_detection_metrics_on_a_worked_example() -> None:
+    cat, dog = Box(0.1, 0.1, 0.4, 0.4), Box(0.5, 0.5, 0.9, 0.9)
+    references = [[LabelledBox("cat", cat), LabelledBox("dog", dog)], [], [LabelledBox("cat", cat)]]
+    predictions = [[LabelledBox("cat", cat)], [LabelledBox("dog", dog)], None]
+    m = detection_metrics(predictions, references)
+    assert m["precision@0.5"] == 0.5 and m["recall@0.5"] == pytest.approx(1 / 3)
+    assert m["f1@0.5"] == pytest.approx(0.4)
+    assert m["count_error_rate"] == 1.0 and m["parse_rate"] == pytest.approx(2 / 3)
+    perfect = detection_metrics(references, references)
+    assert perfect["map"] == pytest.approx(1.0) and perfect["map_50"] == pytest.approx(1.0)
+    assert perfect["f1@0.5"] == 1.0 and perfect["count_error_rate"] == 0.0
+    assert 0.0 < m["map"] < 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(truth=st.lists(objects(max_size=4), min_size=1, max_size=4), data=st.data())
+def test_dropping_a_predicted_box_never_raises_recall(truth, data) -> None:
+    full = detection_metrics(truth, truth)
+    assert full["recall@0.5"] == 1.0 and full["precision@0.5"] == 1.0
+    image = data.draw(st.integers(0, len(truth) - 1))
+    if truth[image]:
+        fewer = [list(t) for t in truth]
+        fewer[image].pop(data.draw(st.integers(0, len(fewer[image]) - 1)))
+        less = detection_metrics(fewer, truth)
+        assert less["recall@0.5"] < full["recall@0.5"]
+        assert less["count_error_rate"] > full["count_error_rate"]
+
+
+# --- COCO instances files ----------------------------------------------------------------------
+
+
+def test_synthetic_coco_set_reads_back_with_tight_boxes(tmp_path) -> None:
+    import cv2
+    import numpy as np
+
+    from bbox_sft.cli import main as cli
+    from bbox_sft.data.coco import read_coco
+
+    assert cli(["synth", "--task", "objects", "--output_dir", str(tmp_path), "--n", "12", "--seed", "3"]) == 0
+    coco = read_coco(tmp_path / "annotations.json", tmp_path / "images")
+    assert coco.categories == ["ellipse", "rectangle", "star", "triangle"] and not coco.skipped and not coco.fixed
+    counts = [len(image.objects) for image in coco.images]
+    assert len(counts) == 12 and 0 in counts and max(counts) >= 3
+    for image in coco.images:  # each box hugs a bright shape on the dark (plain) background
+        bright = cv2.imread(image.path).mean(-1) > 125
+        for obj in image.objects:
+            x0, y0, x1, y1 = obj.box.to_pixels(image.width, image.height)  # pixel edges, x1/y1 exclusive
+            assert bright[y0, x0:x1].any() and bright[y1 - 1, x0:x1].any(), "top and bottom rows touch the shape"
+            assert bright[y0:y1, x0].any() and bright[y0:y1, x1 - 1].any(), "left and right columns touch it"
+            ring = np.zeros_like(bright)
+            ring[max(0, y0 - 3):y1 + 3, max(0, x0 - 3):x1 + 3] = True
+            ring[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = False
+            assert not (bright & ring).any(), "nothing of the shape 2 px outside its box"
+
+
+def test_coco_reader_skips_and_counts_what_cannot_be_used(tmp_path) -> None:
+    from PIL import Image
+
+    from bbox_sft.data.coco import CocoFormatError, read_coco
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "a.jpg")
+    data = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 200, "height": 100},
+                   {"id": 2, "file_name": "gone.jpg", "width": 50, "height": 50}],
+        "categories": [{"id": 7, "name": "cat"}, {"id": 9, "name": "dog"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 7, "bbox": [20, 10, 100, 50], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 9, "bbox": [150, 50, 100, 100]},  # reaches outside: clipped
+            {"id": 3, "image_id": 1, "category_id": 7, "bbox": [10, 10, 100, 50], "iscrowd": 1},
+            {"id": 4, "image_id": 1, "category_id": 3, "bbox": [10, 10, 10, 10]},
+            {"id": 5, "image_id": 1, "category_id": 7, "bbox": [10, 10, 0, 10]},
+            {"id": 6, "image_id": 1, "category_id": 7, "bbox": [300, 10, 10, 10]},  # wholly outside
+            {"id": 7, "image_id": 1, "category_id": 7, "bbox": [1, 2, "x", 4]},
+            {"id": 8, "image_id": 5, "category_id": 7, "bbox": [1, 2, 3, 4]},
+            {"id": 9, "image_id": 2, "category_id": 9, "bbox": [5, 5, 20, 20]},
+        ],
+    }
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    coco = read_coco(tmp_path / "ann.json", tmp_path)
+    first = next(i for i in coco.images if i.image_id == "a")
+    assert first.objects == (LabelledBox("cat", Box(0.1, 0.1, 0.6, 0.6)), LabelledBox("dog", Box(0.75, 0.5, 1.0, 1.0)))
+    assert coco.skipped == {"crowd": 1, "unknown_category": 1, "zero_area": 2, "bad_bbox": 1, "unknown_image": 1}
+    assert coco.fixed == {"clipped_to_image": 1}
+    assert '"id": 3' in coco.examples["crowd"]
+    # measured sizes (upright, from the files) win over what the JSON says
+    resized = read_coco(tmp_path / "ann.json", tmp_path, sizes={"a.jpg": (400, 200)})
+    assert next(i for i in resized.images if i.image_id == "a").objects[0].box == Box(0.05, 0.05, 0.3, 0.3)
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    with pytest.raises(CocoFormatError, match="bad.json: not COCO instances JSON"):
+        read_coco(tmp_path / "bad.json", tmp_path)
+    (tmp_path / "broken.json").write_text('{"images": [')
+    with pytest.raises(CocoFormatError, match="broken.json: cannot read COCO JSON"):
+        read_coco(tmp_path / "broken.json", tmp_path)
