@@ -31,6 +31,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from .boxes import Box
 from .images import pad_to_aspect_ratio, to_rgb
+from .objects import LabelledBox
 from .task import (
     ANSWER_FORMATS,
     DECIMALS,
@@ -57,13 +58,15 @@ class Prediction:
     ``box`` is ``None`` if the answer did not parse; ``raw`` is the text as written; ``spread`` the
     box's uncertainty from the digit distributions (:func:`box_spread`, constrained decoding only);
     ``confidence`` the calibrated probability that the box has IoU >= 0.5 with the truth, when the
-    model carries a calibration (:mod:`bbox_sft.calibration`).
+    model carries a calibration (:mod:`bbox_sft.calibration`). For the list tasks (``objects``,
+    ``phrase``) ``box`` stays ``None`` and ``objects`` holds the labelled boxes read from the answer.
     """
 
     box: Box | None
     raw: str
     spread: float | None = None
     confidence: float | None = None
+    objects: list[LabelledBox] | None = None
 
 
 def _segments(answer_format: str) -> list[str]:
@@ -80,6 +83,7 @@ class AnswerGrammar:
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
         self.answer_format = answer_format
+        self._options: dict[tuple[str, int, int], tuple[list[int], bool]] = {}
         encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
         self.fixed = [encode(s) for s in _segments(answer_format)]
         self.digit = {}
@@ -147,7 +151,18 @@ class AnswerGrammar:
         return False
 
     def _number_options(self, chars: str, low: int, high: int) -> tuple[list[int], bool]:
-        """(allowed next characters' tokens, whether the number may end here) for a number in [low, high]."""
+        """(allowed next characters' tokens, whether the number may end here) for a number in [low, high].
+
+        Memoised: a few thousand distinct arguments cover every answer, and decoding asks at every token.
+        """
+        key = (chars, low, high)
+        if key not in self._options:
+            if len(self._options) > 100_000:  # bounded over very long runs
+                self._options.clear()
+            self._options[key] = self._number_options_uncached(chars, low, high)
+        return self._options[key]
+
+    def _number_options_uncached(self, chars: str, low: int, high: int) -> tuple[list[int], bool]:
         digits = chars.replace(".", "")
         if self.answer_format == "json":
             if len(chars) == 1:
@@ -331,6 +346,13 @@ class ForcedTokenDecoder:
             elif finished_here:
                 break
             live = [r for r in range(rows) if not done[r]] or list(range(rows))
+            if self.fast_forward and not first and not all(done) and all(
+                    pending[r] and pending[r][-1] == grammar.eos for r in range(rows) if not done[r]):
+                for r in range(rows):  # the rest of every answer is forced up to eos: no pass needed for it
+                    if not done[r]:
+                        written[r] += pending[r]
+                        pending[r], done[r] = [], True
+                continue
             if self.fast_forward:  # after the prefill at least one token (a rank done early feeds padding)
                 n = min(len(pending[r]) for r in live) if first else max(1, min(len(pending[r]) for r in live))
             else:  # generate's way: the prompt alone, then one token per pass
@@ -386,8 +408,8 @@ def generate_answers(
     synced_gpus: bool | None = None,
     fast_forward: bool = True,
     calibration: Calibration | None = None,
-    instruction: str = INSTRUCTION,
-    parse: Callable[[str], Box | None] = parse_answer,
+    instruction: str | Sequence[str] = INSTRUCTION,
+    parse: Callable[[str], Box | list[LabelledBox] | None] = parse_answer,
 ) -> list[Prediction]:
     """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image.
 
@@ -396,13 +418,17 @@ def generate_answers(
     with the grammar as a logits processor otherwise; unconstrained decoding is ``generate``.
     ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets
     transformers decide. ``calibration`` turns each box's spread into P(IoU >= 0.5). ``instruction``
-    and ``parse`` ask another question unconstrained (the native grounding baseline).
+    (one, or one per image) and ``parse`` ask another question unconstrained: the native grounding
+    baseline, or the list tasks, whose ``parse`` returns labelled boxes.
     """
     tokenizer = processor.tokenizer
     grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
-    text = prompt_text(processor, instruction)
+    asked = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
+    if len(asked) != len(images):
+        raise ValueError(f"{len(asked)} instructions for {len(images)} images")
+    texts = {question: prompt_text(processor, question) for question in set(asked)}
     fitted = [pad_to_aspect_ratio(image) for image in images]  # shapes the processor refuses, padded
     order = sorted(range(len(images)), key=lambda i: fitted[i][0].size[0] * fitted[i][0].size[1])
     results: list[Prediction | None] = [None] * len(images)
@@ -412,7 +438,7 @@ def generate_answers(
         for start in tqdm(range(0, len(order), batch_size), desc="Generating boxes", disable=not progress):
             index = order[start : start + batch_size]
             batch = processor(
-                text=[text] * len(index),
+                text=[texts[asked[i]] for i in index],
                 images=[[to_rgb(fitted[i][0])] for i in index],
                 padding=True,
                 padding_side="left",
@@ -428,6 +454,10 @@ def generate_answers(
             for row, i in enumerate(index):
                 raw = tokenizer.decode(written[row], skip_special_tokens=True)
                 box, letterbox = parse(raw), fitted[i][1]
+                if isinstance(box, list):  # a list task: every box back in the original frame
+                    objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
+                    results[i] = Prediction(None, raw, objects=objects)
+                    continue
                 if box is not None and letterbox is not None:
                     box = letterbox.to_original(box)
                 spread = box_spread(choices[row], raw, answer_format) if grammar else None
