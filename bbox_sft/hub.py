@@ -26,6 +26,47 @@ def push_or_explain(push: Callable[[], Any], repo_id: str, local_path: str | Pat
         ) from error
 
 
+def objects_dataset_card(report: dict[str, Any]) -> str:
+    """README.md for a prepared objects / phrase dataset: source, task, categories, splits, what was skipped."""
+    config = report["config"]
+
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
+
+    rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
+                     for split, n in report["split_sizes"].items())
+    task = ("every object, as a list in a fixed order (by x_min, then y_min)" if report["task"] == "objects" else
+            f"the objects of the category the prompt names; {config['absent_per_image']} absent category per image "
+            "asked too (answer `[]`)")
+    return f"""---
+task_categories:
+- object-detection
+- image-text-to-text
+tags:
+- bounding-box
+- bbox-sft
+---
+
+# Labelled boxes from COCO annotations ({report["task"]})
+
+Each record holds an image, its labelled boxes (`labels`, `boxes` normalised to [0, 1]) and the
+chat turns that TRL's vision SFT reads (`prompt`, `completion`). The answer lists {task}.
+
+- **Source:** `{Path(report["annotation_file"]).name}`, {report["images_found"]} images,
+  {len(report["categories"])} categories: {", ".join(report["categories"])}
+- **Answer format:** `{config["answer_format"]}`
+- **Splits** (by a stable hash of the image id, seed {config["seed"]}):
+
+| split | images | records |
+|---|---|---|
+{rows}
+
+- **Skipped images:** {counts(report["skipped"])}
+- **Skipped annotations:** {counts(report["skipped_annotations"])}
+- **Fixed:** {counts({**report["fixed"], **report["handled"]})}
+"""
+
+
 def dataset_card(report: dict[str, Any], citation: str) -> str:
     """README.md for a prepared dataset: where it came from, how boxes were made, split sizes."""
     config = report["config"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -107,7 +108,6 @@ def test_dropping_a_predicted_box_never_raises_recall(truth, data) -> None:
 
 def test_synthetic_coco_set_reads_back_with_tight_boxes(tmp_path) -> None:
     import cv2
-    import numpy as np
 
     from bbox_sft.cli import main as cli
     from bbox_sft.data.coco import read_coco
@@ -167,3 +167,55 @@ def test_coco_reader_skips_and_counts_what_cannot_be_used(tmp_path) -> None:
     (tmp_path / "broken.json").write_text('{"images": [')
     with pytest.raises(CocoFormatError, match="broken.json: cannot read COCO JSON"):
         read_coco(tmp_path / "broken.json", tmp_path)
+
+
+def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it_skipped(tmp_path) -> None:
+    from collections import defaultdict
+
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+    from bbox_sft.data.coco import read_coco
+    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.data.synthetic import write_synthetic_coco
+    from bbox_sft.objects import OBJECTS_INSTRUCTION, phrase_instruction
+
+    root = write_synthetic_coco(tmp_path / "coco", n=30, seed=5)
+    data = json.loads((root / "annotations.json").read_text())
+    (root / "images" / data["images"][0]["file_name"]).write_bytes(b"not a jpeg")  # corrupt image
+    data["images"].append({"id": 999, "file_name": "gone.jpg", "width": 10, "height": 10})
+    data["annotations"] += [{"id": 901, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+                            {"id": 902, "image_id": 2, "category_id": 42, "bbox": [0, 0, 5, 5]}]
+    (root / "annotations.json").write_text(json.dumps(data))
+    truth = {i.image_id: i.objects for i in read_coco(root / "annotations.json", root / "images").images}
+
+    objects = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "objects"),
+                                               task="objects", train_size=20, val_size=5, test_size=5,
+                                               visualize=True))
+    report = json.loads((tmp_path / "objects" / "build_report.json").read_text())
+    assert report["skipped"] == {"unreadable_image": 1, "missing_file": 1}
+    assert report["skipped_annotations"] == {"crowd": 1, "unknown_category": 1}
+    assert report["usable"] == 29 and report["split_sizes"] == {s: len(objects[s]) for s in objects}
+    ids = {split: objects[split]["image_id"] for split in objects}
+    assert len(set().union(*map(set, ids.values()))) == sum(map(len, ids.values())), "an image in one split only"
+    for record in objects["train"]:
+        assert record["prompt"][0]["content"][1]["text"] == OBJECTS_INSTRUCTION
+        stored, expected = record_objects(record), truth[record["image_id"]]
+        assert [o.label for o in stored] == [o.label for o in expected]
+        assert np.allclose([o.box for o in stored], [o.box for o in expected], atol=1e-6)
+        assert record["completion"][0]["content"][0]["text"] == format_objects(expected)
+    assert (tmp_path / "objects" / "preview.png").is_file()
+    assert "ellipse, rectangle, star, triangle" in (tmp_path / "objects" / "README.md").read_text()
+
+    phrase = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "phrase"),
+                                              task="phrase", train_size=20, val_size=5, test_size=5))
+    for split in phrase:  # the same images in the same splits; one record per category present + 1 absent
+        assert set(phrase[split]["image_id"]) == set(ids[split])
+        asked = defaultdict(list)
+        for record in phrase[split]:
+            asked[record["image_id"]].append(record["query"])
+            wanted = [o for o in truth[record["image_id"]] if o.label == record["query"]]
+            assert record["completion"][0]["content"][0]["text"] == format_objects(wanted)
+            assert record["prompt"][0]["content"][1]["text"] == phrase_instruction(record["query"])
+        for image_id, queries in asked.items():
+            present = {o.label for o in truth[image_id]}
+            assert set(queries) >= present and len(queries) == len(present) + 1
+    assert any(r[0]["content"][0]["text"] == "[]" for r in phrase["train"]["completion"])

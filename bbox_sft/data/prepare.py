@@ -11,9 +11,10 @@ from pathlib import Path
 
 import datasets
 
-from ..hub import dataset_card, push_or_explain
+from ..hub import dataset_card, objects_dataset_card, push_or_explain
 from ..visualize import GREEN, draw_boxes, image_grid
 from .builder import DUTS_CITATION, FEATURES, SaliencyBoxes, summary_line
+from .coco_builder import OBJECT_FEATURES, CocoBoxes, coco_summary_line
 from .splits import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,8 @@ REPORT_NAME = "build_report.json"
 class PrepareArguments:
     """Arguments of ``bbox-sft prepare``."""
 
-    data_dir: str = field(metadata={"help": "Folder with DUTS archives/folders or images/ + masks/."})
+    data_dir: str = field(metadata={"help": "Folder with DUTS archives/folders or images/ + masks/ (task subject), "
+                                            "or a COCO annotation file and its images (objects, phrase)."})
     output_dir: str = field(metadata={"help": "Where the DatasetDict is saved (load_from_disk reads it)."})
     train_size: int = field(default=2000, metadata={"help": "Images in the train split (at most)."})
     val_size: int = field(default=500, metadata={"help": "Images in the validation split (at most)."})
@@ -34,6 +36,10 @@ class PrepareArguments:
     threshold: int = field(default=128, metadata={"help": "Mask value from which a pixel is foreground."})
     min_fraction: float = field(default=0.25, metadata={"help": "components mode: least area vs the largest."})
     answer_format: str = field(default="json", metadata={"help": "json | qwen"})
+    task: str = field(default="subject", metadata={
+        "help": "subject (one box, from masks) | objects (every object) | phrase (the objects a prompt names)"})
+    absent_per_image: int = field(default=1, metadata={
+        "help": "phrase: categories an image does not hold asked per image (answer [])."})
     num_proc: int = field(default=1, metadata={"help": "Processes that read masks and write records."})
     visualize: bool = field(default=False, metadata={"help": "Write a PNG grid of images with their boxes."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo id to push to."})
@@ -42,28 +48,27 @@ class PrepareArguments:
 def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
     """Build, save to ``args.output_dir`` with its report and card, then draw and push if asked."""
     output_dir = Path(args.output_dir)
+    sizes = dict(answer_format=args.answer_format, train_size=args.train_size, val_size=args.val_size,
+                 test_size=args.test_size, seed=args.seed, num_proc=args.num_proc)
+    features, citation, summary = FEATURES, DUTS_CITATION, summary_line
+    if args.task != "subject":
+        features, citation, summary = OBJECT_FEATURES, "", coco_summary_line
     # a fresh cache each time: the builder's cache key does not see files added to data_dir
     with tempfile.TemporaryDirectory(prefix="bbox_sft_build_") as cache_dir:
-        builder = SaliencyBoxes(
-            cache_dir=cache_dir,
-            data_dir=str(Path(args.data_dir).resolve()),
-            box_mode=args.box_mode,
-            threshold=args.threshold,
-            min_fraction=args.min_fraction,
-            answer_format=args.answer_format,
-            train_size=args.train_size,
-            val_size=args.val_size,
-            test_size=args.test_size,
-            seed=args.seed,
-            num_proc=args.num_proc,
-        )
+        if args.task == "subject":
+            builder = SaliencyBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()),
+                                    box_mode=args.box_mode, threshold=args.threshold,
+                                    min_fraction=args.min_fraction, **sizes)
+        else:
+            builder = CocoBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()), task=args.task,
+                                absent_per_image=args.absent_per_image, **sizes)
         builder.download_and_prepare(num_proc=args.num_proc if args.num_proc > 1 else None)
         dataset = builder.as_dataset()
         empty = [split for split in SPLITS if split not in dataset]
         for split in empty:
             logger.warning("split %r is empty (asked for %d, %d usable images left for it)", split,
                            builder.report["requested_sizes"][split], builder.report["split_sizes"][split])
-            dataset[split] = datasets.Dataset.from_dict({k: [] for k in FEATURES}, features=FEATURES)
+            dataset[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
         dataset = datasets.DatasetDict({split: dataset[split] for split in SPLITS})
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -71,8 +76,9 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
         dataset.save_to_disk(str(output_dir), num_shards={split: 1 for split in empty} or None)
     report = {**builder.report, "empty_splits": empty}
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    (output_dir / "README.md").write_text(dataset_card(report, DUTS_CITATION))
-    logger.info(summary_line(report))
+    card = dataset_card(report, citation) if args.task == "subject" else objects_dataset_card(report)
+    (output_dir / "README.md").write_text(card)
+    logger.info(summary(report))
     logger.info("saved to %s (report: %s)", output_dir, output_dir / REPORT_NAME)
     if args.visualize:
         shown = next((dataset[s] for s in SPLITS if len(dataset[s])), dataset["train"])
@@ -85,6 +91,12 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
 def save_dataset_grid(split: datasets.Dataset, path: Path, n: int = 16) -> Path:
     """PNG grid of the first ``n`` images with their boxes (green)."""
     rows = split.select(range(min(n, len(split))))
+    if "boxes" in split.column_names:  # objects / phrase records: every box, labelled in the caption
+        images = [draw_boxes(r["image"], [(b, GREEN) for b in r["boxes"]],
+                             caption=(f"{r['query']}: " if r["query"] else "") + ", ".join(r["labels"])[:40])
+                  for r in rows]
+        image_grid(images).save(path)
+        return path
     images = [draw_boxes(r["image"], [(r["box"], GREEN)], caption=r["image_id"][-12:]) for r in rows]
     image_grid(images).save(path)
     return path

@@ -1,0 +1,211 @@
+"""COCO detection annotations -> chat records for the ``objects`` and ``phrase`` tasks, as a ``datasets`` builder.
+
+    builder = CocoBoxes(data_dir="D", cache_dir="cache", task="objects")
+    builder.download_and_prepare()
+    dataset = builder.as_dataset()          # DatasetDict: train / validation / test
+
+``data_dir`` holds a COCO instances file (``annotations.json``, Roboflow's
+``_annotations.coco.json``, or ``annotations/instances_*.json``) and its images (beside it, in
+``images/``, or in the folder the official file name names, e.g. ``val2017/``). Images are checked
+as the saliency builder checks them and annotations as :mod:`bbox_sft.data.coco` says; both are
+counted by reason in :attr:`CocoBoxes.report`. Splits are drawn by image (hash-stable), so the
+``phrase`` records of one image never straddle two splits.
+
+- ``objects``: one record per image; the answer lists every object (``[]`` for none).
+- ``phrase``: per image, one record per category present, plus ``absent_per_image`` categories it
+  does not hold (answer ``[]``), chosen by a stable hash, so the model learns to say none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+from tqdm.auto import tqdm
+
+from ..objects import MAX_OBJECTS, OBJECTS_INSTRUCTION, LabelledBox, format_objects, phrase_instruction
+from ..task import ANSWER_FORMATS, completion_messages, prompt_messages
+from .builder import _MESSAGES
+from .checks import check_image, image_bytes
+from .coco import CocoImage, read_coco
+from .splits import SPLITS, assign_splits, hash_unit
+
+logger = logging.getLogger(__name__)
+
+OBJECT_FEATURES = datasets.Features(
+    {
+        "image": datasets.Image(),
+        "image_id": datasets.Value("string"),
+        "width": datasets.Value("int32"),
+        "height": datasets.Value("int32"),
+        "task": datasets.Value("string"),
+        "query": datasets.Value("string"),  # the category a phrase record asks for ("" for objects)
+        "labels": datasets.List(datasets.Value("string")),
+        "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
+        "prompt": _MESSAGES,
+        "completion": _MESSAGES,
+    }
+)
+ANNOTATION_NAMES = ("annotations.json", "_annotations.coco.json")
+
+
+def find_coco(data_dir: str | Path) -> tuple[Path, Path]:
+    """The annotation file and the image folder under ``data_dir`` (see the module docstring)."""
+    root = Path(data_dir)
+    candidates = [root / name for name in ANNOTATION_NAMES] + sorted((root / "annotations").glob("instances_*.json"))
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"{root}: no COCO annotation file ({', '.join(ANNOTATION_NAMES)} or "
+                                "annotations/instances_*.json)")
+    stem = found.stem.removeprefix("instances_")
+    folders = [found.parent / "images", found.parent, root / "images", root / stem, root]
+    first = next((i.get("file_name") for i in json.loads(found.read_text()).get("images", [])
+                  if isinstance(i, dict) and isinstance(i.get("file_name"), str)), None)
+    for folder in folders:
+        if first is None or (folder / first).exists():
+            return found, folder
+    return found, folders[0]  # the image checks name every missing file
+
+
+@dataclass
+class CocoBoxesConfig(datasets.BuilderConfig):
+    """Which task the records teach, how answers are written, and how big each split is."""
+
+    task: str = "objects"
+    answer_format: str = "json"
+    absent_per_image: int = 1
+    max_objects: int = MAX_OBJECTS
+    train_size: int = 2000
+    val_size: int = 500
+    test_size: int = 500
+    seed: int = 42
+    num_proc: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.task not in ("objects", "phrase"):
+            raise ValueError(f"task must be objects or phrase for COCO data, got {self.task!r}")
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
+
+
+class CocoBoxes(datasets.GeneratorBasedBuilder):
+    """Images with their labelled boxes, as TRL vision prompt/completion records."""
+
+    BUILDER_CONFIG_CLASS = CocoBoxesConfig
+    VERSION = datasets.Version("1.0.0")
+
+    def _info(self) -> datasets.DatasetInfo:
+        return datasets.DatasetInfo(description="Labelled boxes from COCO detection annotations.",
+                                    features=OBJECT_FEATURES)
+
+    def _split_generators(self, dl_manager: datasets.DownloadManager) -> list[datasets.SplitGenerator]:
+        config: CocoBoxesConfig = self.config
+        if not config.data_dir:
+            raise ValueError("CocoBoxes needs data_dir: a folder with a COCO annotation file and its images")
+        annotation_file, image_dir = find_coco(config.data_dir)
+        listed = read_coco(annotation_file, image_dir)
+        checks = self._check_all([image.path for image in listed.images], config.num_proc)
+        sizes = {Path(image.path).name: (check.width, check.height)
+                 for image, check in zip(listed.images, checks) if check.skip is None}
+        coco = read_coco(annotation_file, image_dir, sizes=sizes)  # boxes normalised by the measured sizes
+        skipped_files = [{"image": image.path, "reason": check.skip, "detail": check.detail}
+                         for image, check in zip(coco.images, checks) if check.skip]
+        for image in coco.images:
+            if Path(image.path).name in sizes and len(image.objects) > config.max_objects:
+                skipped_files.append({"image": image.path, "reason": "too_many_objects",
+                                      "detail": f"{len(image.objects)} objects, more than max_objects "
+                                                f"{config.max_objects}"})
+        bad = {f["image"] for f in skipped_files}
+        good = {image.image_id: (image, check) for image, check in zip(coco.images, checks) if image.path not in bad}
+        split_sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
+        split_ids = assign_splits(list(good), split_sizes, seed=config.seed)
+        plans = {split: [plan for i in split_ids[split] for plan in self._plans(*good[i], coco.categories, config)]
+                 for split in SPLITS}
+        self.report = {
+            "data_dir": str(config.data_dir),
+            "annotation_file": str(annotation_file),
+            "image_dir": str(image_dir),
+            "task": config.task,
+            "categories": coco.categories,
+            "images_found": len(coco.images),
+            "usable": len(good),
+            "objects": sum(len(image.objects) for image, _ in good.values()),
+            "skipped": dict(Counter(f["reason"] for f in skipped_files)),
+            "skipped_annotations": dict(coco.skipped),
+            "fixed": dict(coco.fixed),
+            "handled": dict(Counter(h for _, check in good.values() for h in check.handled)),
+            "requested_sizes": split_sizes,
+            "split_sizes": {split: len(ids) for split, ids in split_ids.items()},
+            "split_records": {split: len(p) for split, p in plans.items()},
+            "config": {k: v for k, v in asdict(config).items() if k not in ("data_files", "version", "description")},
+            "skipped_files": skipped_files,
+            "skipped_annotation_examples": coco.examples,
+        }
+        logger.info(coco_summary_line(self.report))
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"plans": plans[split]}) for split in SPLITS
+                if plans[split]]
+
+    @staticmethod
+    def _check_all(paths: list[str], num_proc: int) -> list:
+        progress = dict(total=len(paths), desc="Checking images", unit="image")
+        if num_proc > 1:
+            with ProcessPoolExecutor(num_proc) as pool:
+                return list(tqdm(pool.map(check_image, paths, chunksize=64), **progress))
+        return list(tqdm(map(check_image, paths), **progress))
+
+    @staticmethod
+    def _plans(image: CocoImage, check, categories: list[str], config: CocoBoxesConfig) -> list[dict[str, Any]]:
+        common = {"image_id": image.image_id, "path": image.path, "reencode": check.reencode,
+                  "width": check.width, "height": check.height}
+        if config.task == "objects":
+            return [{**common, "key": image.image_id, "query": "", "objects": list(image.objects)}]
+        present = sorted({o.label for o in image.objects})
+        absent = sorted((c for c in categories if c not in present),
+                        key=lambda c: hash_unit(f"{image.image_id}:{c}", config.seed))[: config.absent_per_image]
+        return [{**common, "key": f"{image.image_id}:{label}", "query": label,
+                 "objects": [o for o in image.objects if o.label == label]} for label in sorted(present + absent)]
+
+    def _generate_examples(self, plans: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+        config: CocoBoxesConfig = self.config
+        for plan in plans:
+            objects: list[LabelledBox] = plan["objects"]
+            instruction = phrase_instruction(plan["query"]) if config.task == "phrase" else OBJECTS_INSTRUCTION
+            yield plan["key"], {
+                "image": image_bytes(plan["path"], plan["reencode"]),
+                "image_id": plan["image_id"],
+                "width": plan["width"],
+                "height": plan["height"],
+                "task": config.task,
+                "query": plan["query"],
+                "labels": [o.label for o in objects],
+                "boxes": [list(o.box) for o in objects],
+                "prompt": prompt_messages(instruction),
+                "completion": completion_messages(format_objects(objects, config.answer_format)),
+            }
+
+
+def record_objects(record: dict[str, Any]) -> list[LabelledBox]:
+    """The labelled boxes a record holds (its truth)."""
+    from ..boxes import Box
+
+    return [LabelledBox(label, Box(*box)) for label, box in zip(record["labels"], record["boxes"])]
+
+
+def coco_summary_line(report: dict[str, Any]) -> str:
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
+
+    splits = " / ".join(f"{s} {report['split_sizes'][s]} images ({report['split_records'][s]} records)"
+                        for s in SPLITS)
+    return (f"{report['images_found']} images found, {report['usable']} usable with {report['objects']} objects; "
+            f"skipped images: {counts(report['skipped'])}; skipped annotations: "
+            f"{counts(report['skipped_annotations'])}; fixed: {counts({**report['fixed'], **report['handled']})}; "
+            f"splits: {splits}")
