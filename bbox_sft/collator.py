@@ -103,7 +103,7 @@ def add_lengths(dataset, processor: ProcessorMixin, column: str = "length"):
     render = BoxSFTCollator(processor).render
     texts = [render({"prompt": p, "completion": c, "images": [None]})
              for p, c in zip(dataset["prompt"], dataset["completion"])]
-    counts = processor.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    counts = processor.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []  # empty split
     lengths = [
         len(tokens) - 1 + visual_tokens(processor, w, h)  # the placeholder becomes the visual tokens
         for w, h, tokens in zip(dataset["width"], dataset["height"], counts)

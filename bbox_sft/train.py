@@ -32,6 +32,7 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
 
 from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
+from bbox_sft.data.coco_builder import record_objects
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
     check_answer_format,
@@ -43,6 +44,7 @@ from bbox_sft.model import (
     lora_config,
     set_trainable,
 )
+from bbox_sft.objects import format_objects
 from bbox_sft.task import completion_messages, format_answer
 from bbox_sft.validation import BoxSFTTrainer, make_callbacks
 
@@ -191,7 +193,9 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
         args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
-        args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format for predict/eval
+        train = trainer.train_dataset  # the task the records teach, for predict/eval
+        task = train[0]["task"] if "task" in train.column_names and len(train) else "subject"
+        args_path.write_text(json.dumps({**asdict(script_args), "task": task}, indent=2))  # answer format, task
     logger.info("model saved to %s", training_args.output_dir)
 
     ################
@@ -224,8 +228,15 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
 
 
 def with_answer_format(dataset: datasets.DatasetDict, answer_format: str) -> datasets.DatasetDict:
-    """Rewrite ``completion`` from ``box`` when the dataset was built in another answer format."""
+    """Rewrite ``completion`` from ``box`` (or ``labels`` + ``boxes``) when the dataset was built in another
+    answer format."""
     sample = dataset[next(iter(dataset))][0]
+    if "boxes" in sample:  # a list task (objects, phrase)
+        if sample["completion"][0]["content"][0]["text"] == format_objects(record_objects(sample), answer_format):
+            return dataset
+        logger.info("rewriting answers in the %r format", answer_format)
+        return dataset.map(lambda r: {"completion": completion_messages(
+            format_objects(record_objects(r), answer_format))})
     if sample["completion"][0]["content"][0]["text"] == format_answer(sample["box"], answer_format):
         return dataset
 

@@ -28,10 +28,13 @@ from trl.models import unwrap_model_for_generation
 
 from .boxes import iou
 from .calibration import Calibration, confidence_metrics, fit_from_predictions
+from .data.coco_builder import record_objects
 from .decoding import Prediction, generate_answers
+from .detection import detection_metrics
 from .hub import write_model_card
 from .metrics import box_metrics
-from .visualize import save_box_grid
+from .objects import parse_objects
+from .visualize import save_box_grid, save_objects_grid
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ class BoxSFTTrainer(SFTTrainer):
         answer_format: str = "json",
         constrained_decoding: bool = True,
         grid_images: int = 16,
+        list_max_new_tokens: int = 384,
         card_info: dict[str, Any] | None = None,
         final_eval_dataset=None,
         calibration_dataset=None,
@@ -66,6 +70,7 @@ class BoxSFTTrainer(SFTTrainer):
         self.answer_format = answer_format
         self.constrained_decoding = constrained_decoding
         self.grid_images = grid_images
+        self.list_max_new_tokens = list_max_new_tokens
         self.card_info = card_info or {}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -87,10 +92,20 @@ class BoxSFTTrainer(SFTTrainer):
         """Generate on this rank's shard of the subset, gather, score; write the grid on the main process.
 
         With a calibration (fitted at the end of training) the metrics also hold the AUROC and the
-        expected calibration error of the box confidence.
+        expected calibration error of the box confidence. For the list tasks (records with
+        ``boxes``) the metrics are :func:`~bbox_sft.detection.detection_metrics` (``eval_f1@0.5``,
+        ``eval_map``, ...).
         """
         n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         predictions = self.generate_gathered(dataset, n)
+        if is_list_task(dataset):
+            shown = dataset.select(range(n))
+            truth = [record_objects(r) for r in shown]
+            found = [p.objects for p in predictions]
+            metrics = {f"{prefix}_{k}": v for k, v in detection_metrics(found, truth).items()}
+            if self.accelerator.is_main_process:
+                self._write_grid(dataset, predictions, metrics, prefix)
+            return metrics
         references = dataset.select(range(n))["box"]
         boxes = [p.box for p in predictions]
         metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
@@ -113,18 +128,14 @@ class BoxSFTTrainer(SFTTrainer):
         shard, padded = equal_shard(n, rank, world)
         rows = dataset.select(padded)
         sharded = world > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        options = dict(answer_format=self.answer_format, constrained=self.constrained_decoding,
+                       batch_size=self.args.per_device_eval_batch_size, progress=self.accelerator.is_main_process,
+                       synced_gpus=sharded, calibration=self.calibration)
+        if is_list_task(dataset):  # the question is in each record; answers read as labelled boxes
+            options.update(instruction=[p[0]["content"][1]["text"] for p in rows["prompt"]], parse=parse_objects,
+                           constrained=False, calibration=None, max_new_tokens=self.list_max_new_tokens)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
-            predictions = generate_answers(
-                model,
-                self.processing_class,
-                list(rows["image"]),
-                answer_format=self.answer_format,
-                constrained=self.constrained_decoding,
-                batch_size=self.args.per_device_eval_batch_size,
-                progress=self.accelerator.is_main_process,
-                synced_gpus=sharded,
-                calibration=self.calibration,
-            )
+            predictions = generate_answers(model, self.processing_class, list(rows["image"]), **options)
         mine = list(zip(shard, predictions))  # the padding is left out here
         gathered = sorted(gather_object(mine), key=lambda pair: pair[0]) if world > 1 else mine
         if [i for i, _ in gathered] != list(range(n)):
@@ -137,6 +148,9 @@ class BoxSFTTrainer(SFTTrainer):
         Every rank generates its shard and fits the same calibration from the gathered predictions.
         """
         dataset = self.calibration_dataset
+        if dataset is not None and is_list_task(dataset):
+            logger.info("box confidence: not calibrated for the list tasks")
+            return None
         if dataset is None or len(dataset) == 0 or not self.constrained_decoding:
             logger.warning("box confidence not calibrated: %s", "constrained decoding is off"
                            if dataset is not None and len(dataset) else "no validation split")
@@ -154,9 +168,12 @@ class BoxSFTTrainer(SFTTrainer):
         folder = Path(self.args.output_dir) / "validation"
         step = self.state.global_step
         shown = dataset.select(range(min(self.grid_images, len(predictions))))
-        items = [(r["image"], r["box"], p.box, None) for r, p in zip(shown, predictions)]
         name = f"step-{step:06d}.png" if prefix == "eval" else f"{prefix}-step-{step:06d}.png"
-        save_box_grid(items, folder / name)
+        if is_list_task(dataset):
+            save_objects_grid([(r["image"], record_objects(r), p.objects or [], r["query"] or None)
+                               for r, p in zip(shown, predictions)], folder / name)
+        else:
+            save_box_grid([(r["image"], r["box"], p.box, None) for r, p in zip(shown, predictions)], folder / name)
         record = {"step": step, "split": prefix, **metrics,
                   "answers": [p.raw for p in predictions[: self.grid_images]]}
         with open(folder / "history.jsonl", "a") as f:
@@ -195,6 +212,11 @@ class BoxSFTTrainer(SFTTrainer):
         if evals:
             return evals[-1], f"last evaluation, step {evals[-1].get('step')}"
         return {}, "no evaluation ran"
+
+
+def is_list_task(dataset) -> bool:
+    """Whether records hold lists of labelled boxes (objects, phrase) rather than one box (subject)."""
+    return "boxes" in dataset.column_names
 
 
 def equal_shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:

@@ -57,6 +57,27 @@ def save_box_grid(
     return path
 
 
+def draw_objects(image: Image.Image, truth: Sequence, predicted: Sequence, caption: str | None = None) -> Image.Image:
+    """``image`` with labelled boxes (``LabelledBox``): truth in green, prediction in red with its label."""
+    drawn = draw_boxes(image, [(o.box, GREEN) for o in truth] + [(o.box, RED) for o in predicted], caption=caption)
+    draw = ImageDraw.Draw(drawn)
+    w, h = drawn.size
+    for obj in predicted:
+        x, y = obj.box[0] * w + 3, obj.box[1] * h + 2
+        draw.rectangle([x - 1, y - 1, x + 6 * len(obj.label) + 1, y + 10], fill=RED)
+        draw.text((x, y - 1), obj.label, fill=(255, 255, 255))
+    return drawn
+
+
+def save_objects_grid(items: Sequence[tuple[Image.Image, Sequence, Sequence, str | None]], path: str | Path,
+                      columns: int = 4) -> Path:
+    """Grid of ``(image, true objects, predicted objects, caption)`` drawn with :func:`draw_objects`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid([draw_objects(*item) for item in items], columns=columns).save(path)
+    return path
+
+
 def save_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
     """PNG of training loss and validation mean IoU over steps, from a Trainer's ``log_history``."""
     import matplotlib

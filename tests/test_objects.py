@@ -219,3 +219,36 @@ def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it
             present = {o.label for o in truth[image_id]}
             assert set(queries) >= present and len(queries) == len(present) + 1
     assert any(r[0]["content"][0]["text"] == "[]" for r in phrase["train"]["completion"])
+
+
+# --- training, validation and prediction on the list tasks --------------------------------------
+
+
+@pytest.mark.slow
+def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrote(tiny_model_dir, tmp_path) -> None:
+    from pathlib import Path
+
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.data.synthetic import write_synthetic_coco
+    from bbox_sft.train import main as train
+    from bbox_sft.train import parse_args
+
+    root = write_synthetic_coco(tmp_path / "coco", n=40, seed=2)
+    data = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "objects"), task="objects",
+                                            train_size=30, val_size=6, test_size=4))
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml")
+    out = tmp_path / "run"
+    trainer = train(*parse_args([
+        recipe, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "objects"),
+        "--output_dir", str(out), "--build_tiny_model", "false", "--image_min_side", "128", "--image_max_side", "160",
+        "--max_steps", "120", "--eval_strategy", "steps", "--eval_steps", "120", "--box_eval_samples", "0",
+        "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0"]))
+    logged = next(e for e in trainer.state.log_history if "eval_f1@0.5" in e)
+    [record] = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
+    truth = [record_objects(r) for r in data["validation"]]
+    assert len(record["answers"]) == len(truth) > 0
+    expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth)
+    assert {k: logged[f"eval_{k}"] for k in expected} == pytest.approx(expected)
+    assert json.loads((out / "bbox_sft_args.json").read_text())["task"] == "objects"
+    assert (out / "validation" / "step-000003.png").is_file()
