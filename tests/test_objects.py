@@ -251,4 +251,4 @@ def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrot
     expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth)
     assert {k: logged[f"eval_{k}"] for k in expected} == pytest.approx(expected)
     assert json.loads((out / "bbox_sft_args.json").read_text())["task"] == "objects"
-    assert (out / "validation" / "step-000003.png").is_file()
+    assert (out / "validation" / "step-000120.png").is_file()
