@@ -76,6 +76,12 @@ class PredictArguments:
     base: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own)."})
     batch_size: int = field(default=8, metadata={"help": "Images per generation batch."})
     constrained: bool = field(default=True, metadata={"help": "Constrained decoding (parse rate 1.0)."})
+    query: str | None = field(default=None, metadata={"help": "phrase models: the category to find."})
+    format: str = field(default="jsonl", metadata={
+        "help": "jsonl: one JSON line per image; coco: objects/phrase models, a COCO results JSON array whose "
+                "image and category ids come from --coco_annotations"})
+    coco_annotations: str | None = field(default=None, metadata={
+        "help": "--format coco: the COCO instances file the images belong to (ids by file name and category name)."})
 
 
 def _predict(argv: list[str]) -> int:
@@ -85,31 +91,48 @@ def _predict(argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     from .images import load_image
-    from .predict import BoxPredictor, image_files
-    from .visualize import RED, draw_boxes
+    from .predict import BoxPredictor, CocoResults, image_files
+    from .visualize import RED, draw_boxes, draw_objects
 
     (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
     if (args.image is None) == (args.dir is None):
         raise ValueError("give exactly one of --image PATH or --dir DIR")
+    if args.format not in ("jsonl", "coco"):
+        raise ValueError(f"--format must be jsonl or coco, got {args.format!r}")
+    coco = CocoResults(args.coco_annotations) if args.format == "coco" else None
     if args.dir is not None and not Path(args.dir).is_dir():
         raise FileNotFoundError(f"--dir {args.dir} is not a folder")
     paths = [Path(args.image)] if args.image else list(image_files(args.dir))
     predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
                                              batch_size=args.batch_size)
+    if coco is not None and predictor.task == "subject":
+        raise ValueError("--format coco is for objects and phrase models (this one finds one subject box)")
     failed, boxes = [], 0
     # one JSON line per image, written as each window of batches is done: an interrupted run keeps them
-    for result in tqdm(predictor.predict_files(paths), total=len(paths), desc="Predicting", unit="image",
-                       disable=len(paths) <= args.batch_size):
-        sys.stdout.write(json.dumps(result.to_json()) + "\n")
-        sys.stdout.flush()
+    for result in tqdm(predictor.predict_files(paths, query=args.query), total=len(paths), desc="Predicting",
+                       unit="image", disable=len(paths) <= args.batch_size):
+        if coco is None:
+            sys.stdout.write(json.dumps(result.to_json()) + "\n")
+            sys.stdout.flush()
         if result.error:
             failed.append(result.path)
             continue
-        boxes += result.prediction.box is not None
+        if coco is not None:
+            coco.add(result)
+        objects = result.prediction.objects
+        boxes += len(objects) if objects is not None else result.prediction.box is not None
         if args.output:
             target = Path(args.output) if args.image else Path(args.output) / f"{Path(result.path).stem}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            draw_boxes(load_image(result.path), [(result.prediction.box, RED)]).save(target)
+            image = load_image(result.path)
+            drawn = draw_objects(image, [], objects) if objects is not None else draw_boxes(
+                image, [(result.prediction.box, RED)])
+            drawn.save(target)
+    if coco is not None:
+        sys.stdout.write(json.dumps(coco.results) + "\n")
+        if coco.unknown:
+            left_out = ", ".join(f"{n} {why}" for why, n in coco.unknown.items())
+            logger.warning("left out of the COCO results: %s", left_out)
     logger.info("%d image(s), %d boxes, %d skipped%s", len(paths), boxes, len(failed),
                 f": {', '.join(failed)}" if failed else "")
     return 1 if failed else 0

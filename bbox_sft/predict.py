@@ -27,6 +27,7 @@ from .data.sources import IMAGE_SUFFIXES
 from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
 from .model import detect_device, load_model, load_processor
+from .objects import OBJECTS_INSTRUCTION, format_objects, parse_objects, phrase_instruction
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,22 @@ class ImageResult:
     width: int = 0
     height: int = 0
     error: str | None = None
+    query: str | None = None  # the category a phrase model was asked for
 
     def to_json(self) -> dict:
         if self.prediction is None:
             return {"image": self.path, "error": self.error}
+        if self.prediction.objects is not None or self.query is not None:  # a list task
+            objects = self.prediction.objects
+            line = {"image": self.path, "width": self.width, "height": self.height}
+            if self.query is not None:
+                line["query"] = self.query
+            line["objects"] = None if objects is None else [
+                {"label": o.label, "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), o.box)),
+                 "box_px": list(o.box.to_pixels(self.width, self.height))} for o in objects]
+            line["qwen"] = None if objects is None else format_objects(objects, "qwen")  # sv.Detections.from_vlm
+            line["raw"] = self.prediction.raw
+            return line
         box = self.prediction.box
         return {
             "image": self.path,
@@ -124,7 +137,12 @@ class BoxPredictor:
     """A model that answers with the box of an image's main subject."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
-                 constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None) -> None:
+                 constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
+                 task: str = "subject", max_new_tokens: int = 384) -> None:
+        if task not in ("subject", "objects", "phrase"):
+            raise ValueError(f"task must be subject, objects or phrase, got {task!r}")
+        self.task = task
+        self.max_new_tokens = max_new_tokens  # list tasks: room for the longest list
         self.model = model
         self.calibration = calibration
         self.processor = processor
@@ -138,6 +156,7 @@ class BoxPredictor:
         adapter_dir = resolve_adapter(adapter)
         model, processor = load_for_inference(adapter_dir, base)
         kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
+        kwargs.setdefault("task", trained_task(adapter_dir))
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
@@ -154,16 +173,29 @@ class BoxPredictor:
         with self.model.disable_adapter():
             yield
 
-    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True
-                ) -> list[Prediction]:
-        """Boxes for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated)."""
-        with contextlib.nullcontext() if adapter else self.without_adapter():
-            return generate_answers(self.model, self.processor, images, answer_format=self.answer_format,
-                                    constrained=self.constrained, batch_size=self.batch_size, progress=progress,
-                                    calibration=self.calibration if adapter else None)
+    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
+                query: str | None = None) -> list[Prediction]:
+        """Boxes for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated).
 
-    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True
-                      ) -> Iterator[ImageResult]:
+        For a model trained on the ``objects`` task each prediction holds ``objects``; for ``phrase``,
+        ``query`` names the category to find.
+        """
+        options = dict(answer_format=self.answer_format, constrained=self.constrained, batch_size=self.batch_size,
+                       progress=progress, calibration=self.calibration if adapter else None)
+        if self.task != "subject":
+            if (query is None) == (self.task == "phrase"):
+                raise ValueError("a phrase model needs a query (the category to find); other tasks take none"
+                                 if self.task == "phrase" else f"a {self.task} model takes no query")
+            options.update(instruction=phrase_instruction(query) if query else OBJECTS_INSTRUCTION,
+                           parse=parse_objects, constrained=False, calibration=None,
+                           max_new_tokens=self.max_new_tokens)
+        elif query is not None:
+            raise ValueError("a subject model takes no query")
+        with contextlib.nullcontext() if adapter else self.without_adapter():
+            return generate_answers(self.model, self.processor, images, **options)
+
+    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
+                      query: str | None = None) -> Iterator[ImageResult]:
         """Results for image files, in the order given, a window of a few batches at a time.
 
         Each image is decoded small and shrunk to the processor's size as it is read, and at most
@@ -183,8 +215,8 @@ class BoxPredictor:
                     results[i] = ImageResult(path, None, error=str(error))
                     continue
                 loaded.append((i, image))
-                results[i] = ImageResult(path, None, width, height)
-            predictions = self.predict([image for _, image in loaded], adapter=adapter)
+                results[i] = ImageResult(path, None, width, height, query=query)
+            predictions = self.predict([image for _, image in loaded], adapter=adapter, query=query)
             for (i, _), prediction in zip(loaded, predictions):
                 results[i].prediction = prediction  # type: ignore[union-attr]
             yield from results  # type: ignore[misc]
@@ -198,6 +230,46 @@ def trained_answer_format(adapter_dir: str | Path) -> str:
     return "json"
 
 
+def trained_task(adapter_dir: str | Path) -> str:
+    """The task a run trained on (subject, objects or phrase; saved with its arguments), subject if unknown."""
+    args = Path(adapter_dir) / "bbox_sft_args.json"
+    if args.is_file():
+        return json.loads(args.read_text()).get("task", "subject")
+    return "subject"
+
+
 def image_files(folder: str | Path) -> Iterator[Path]:
     """Image files in ``folder`` (by suffix), sorted."""
     return iter(sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+
+
+class CocoResults:
+    """Predictions as a COCO results list (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}]``),
+    the input of pycocotools' ``loadRes`` and of most detection tooling; ids from the images' own
+    instances file (images by file name, categories by name)."""
+
+    def __init__(self, annotation_file: str | Path | None) -> None:
+        from collections import Counter
+
+        if annotation_file is None:
+            raise ValueError("--format coco needs --coco_annotations: the instances file that gives the ids")
+        data = json.loads(Path(annotation_file).read_text())
+        self.image_ids = {Path(i["file_name"]).name: i["id"] for i in data["images"]}
+        self.category_ids = {c["name"]: c["id"] for c in data["categories"]}
+        self.results: list[dict] = []
+        self.unknown: Counter = Counter()
+
+    def add(self, result: ImageResult) -> None:
+        image_id = self.image_ids.get(Path(result.path).name)
+        if image_id is None:
+            self.unknown["images not in the annotation file"] += 1
+            return
+        for obj in result.prediction.objects or []:
+            if obj.label not in self.category_ids:
+                self.unknown[f"boxes labelled {obj.label!r} (no such category)"] += 1
+                continue
+            x0, y0, x1, y1 = (obj.box[0] * result.width, obj.box[1] * result.height,
+                              obj.box[2] * result.width, obj.box[3] * result.height)
+            score = 1.0 if result.prediction.confidence is None else result.prediction.confidence
+            self.results.append({"image_id": image_id, "category_id": self.category_ids[obj.label],
+                                 "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)], "score": score})

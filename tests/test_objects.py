@@ -224,31 +224,79 @@ def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it
 # --- training, validation and prediction on the list tasks --------------------------------------
 
 
-@pytest.mark.slow
-def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrote(tiny_model_dir, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def objects_run(tiny_model_dir, tmp_path_factory):
+    """The tiny model fully fine-tuned for 120 steps on a synthetic COCO objects set (it learns the list format)."""
     from pathlib import Path
 
     from bbox_sft.data import PrepareArguments, prepare_dataset
-    from bbox_sft.data.coco_builder import record_objects
     from bbox_sft.data.synthetic import write_synthetic_coco
     from bbox_sft.train import main as train
     from bbox_sft.train import parse_args
 
-    root = write_synthetic_coco(tmp_path / "coco", n=40, seed=2)
-    data = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "objects"), task="objects",
+    tmp = tmp_path_factory.mktemp("objects_run")
+    root = write_synthetic_coco(tmp / "coco", n=40, seed=2)
+    data = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp / "objects"), task="objects",
                                             train_size=30, val_size=6, test_size=4))
     recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml")
-    out = tmp_path / "run"
     trainer = train(*parse_args([
-        recipe, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "objects"),
-        "--output_dir", str(out), "--build_tiny_model", "false", "--image_min_side", "128", "--image_max_side", "160",
-        "--max_steps", "120", "--eval_strategy", "steps", "--eval_steps", "120", "--box_eval_samples", "0",
-        "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3", "--warmup_steps", "0"]))
-    logged = next(e for e in trainer.state.log_history if "eval_f1@0.5" in e)
+        recipe, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp / "objects"),
+        "--output_dir", str(tmp / "run"), "--build_tiny_model", "false", "--image_min_side", "128",
+        "--image_max_side", "160", "--max_steps", "120", "--eval_strategy", "steps", "--eval_steps", "120",
+        "--box_eval_samples", "0", "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3",
+        "--warmup_steps", "0"]))
+    return {"trainer": trainer, "data": data, "out": tmp / "run", "coco": root}
+
+
+@pytest.mark.slow
+def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrote(objects_run) -> None:
+    from bbox_sft.data.coco_builder import record_objects
+
+    out, data = objects_run["out"], objects_run["data"]
+    logged = next(e for e in objects_run["trainer"].state.log_history if "eval_f1@0.5" in e)
     [record] = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
     truth = [record_objects(r) for r in data["validation"]]
     assert len(record["answers"]) == len(truth) > 0
     expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth)
+    assert expected["parse_rate"] == 1.0, "120 steps teach the tiny model the list format"
     assert {k: logged[f"eval_{k}"] for k in expected} == pytest.approx(expected)
     assert json.loads((out / "bbox_sft_args.json").read_text())["task"] == "objects"
     assert (out / "validation" / "step-000120.png").is_file()
+
+
+@pytest.mark.slow
+def test_predict_lists_objects_readable_by_supervision_and_pycocotools(objects_run, capsys) -> None:
+    import supervision as sv
+    from pycocotools.coco import COCO
+
+    from bbox_sft.cli import main as cli
+    from bbox_sft.predict import BoxPredictor
+
+    out, images = objects_run["out"], objects_run["coco"] / "images"
+    assert cli(["predict", "--adapter", str(out), "--dir", str(images)]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 40 and all(isinstance(line["objects"], list) for line in lines)
+    assert sum(map(len, (line["objects"] for line in lines))) > 0
+    for line in lines:  # the documented one call: sv.Detections.from_vlm on the "qwen" field
+        found = parse_objects(line["raw"])
+        assert [o["label"] for o in line["objects"]] == [o.label for o in found]
+        detections = sv.Detections.from_vlm(sv.VLM.QWEN_3_VL, line["qwen"], resolution_wh=(line["width"],
+                                                                                            line["height"]))
+        assert list(detections.data.get("class_name", [])) == [o.label for o in ordered(found, "qwen")]
+        pixels = sorted(tuple(o["box_px"]) for o in line["objects"])  # whole-pixel edges of each box
+        assert np.abs(np.sort(detections.xyxy, axis=0) - np.sort(np.array(pixels).reshape(-1, 4), axis=0)).max(
+            initial=0) <= 1.0
+
+    predictor = BoxPredictor.from_pretrained(out)
+    assert predictor.task == "objects"
+    with pytest.raises(ValueError, match="takes no query"):
+        predictor.predict([], query="star")
+
+    annotations = objects_run["coco"] / "annotations.json"
+    assert cli(["predict", "--adapter", str(out), "--dir", str(images), "--format", "coco",
+                "--coco_annotations", str(annotations)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == sum(map(len, (line["objects"] for line in lines)))
+    ground_truth = COCO(str(annotations))
+    loaded = ground_truth.loadRes(results)  # what COCOeval consumes
+    assert len(loaded.getAnnIds()) == len(results)
