@@ -12,7 +12,10 @@ import contextlib
 import functools
 import json
 import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,16 @@ from tqdm.auto import tqdm
 
 from .boxes import Box, iou
 from .calibration import Calibration, confidence_metrics, save_reliability_plot
+from .data.coco_builder import is_list_task, record_objects
 from .data.prepare import load_or_build_dataset
 from .decoding import Prediction, generate_answers
+from .detection import DETECTION_METRIC_NAMES, detection_metrics
 from .images import ImageError, open_image
 from .metrics import METRIC_NAMES, box_metrics
+from .objects import LabelledBox
 from .predict import BoxPredictor, adapter_base, load_for_inference, resolve_adapter, rounded, trained_answer_format
 from .task import NATIVE_GROUNDING_INSTRUCTION, parse_native_grounding
-from .visualize import save_box_grid
+from .visualize import save_box_grid, save_objects_grid
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +101,8 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
         split = split.select(range(min(args.max_samples, len(split))))
     if len(split) == 0:
         raise ValueError(f"{args.dataset}: split {args.split!r} is empty, nothing to evaluate")
+    if is_list_task(split):
+        return evaluate_lists(args, dataset, split)
     prior, prior_source = center_prior(dataset, args.split)
     adapter_dir = resolve_adapter(args.adapter)
     model, processor = load_for_inference(adapter_dir, args.base)
@@ -177,9 +185,9 @@ def is_qwen_vl(model) -> bool:
     return model_type.startswith("qwen") and "vl" in model_type
 
 
-def markdown_table(rows: dict[str, dict[str, float]]) -> str:
-    header = "| model | " + " | ".join(METRIC_NAMES) + " |\n|---|" + "---|" * len(METRIC_NAMES)
-    lines = [f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in METRIC_NAMES) + " |" for name, m in rows.items()]
+def markdown_table(rows: dict[str, dict[str, float]], names: Sequence[str] = METRIC_NAMES) -> str:
+    header = "| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names)
+    lines = [f"| {name} | " + " | ".join(f"{m[k]:.3f}" for k in names) + " |" for name, m in rows.items()]
     return "\n".join([header, *lines])
 
 
@@ -213,3 +221,98 @@ def confidence_sentence(c: dict[str, Any] | None) -> str:
 def _confidence_note(report: dict[str, Any]) -> str:
     line = confidence_sentence(report.get("confidence"))
     return f"{line}\n\n![reliability](reliability.png)\n\n" if line else ""
+
+
+# --- the list tasks (objects, phrase) ------------------------------------------------------------
+
+
+def list_prior(dataset: datasets.DatasetDict, split: str) -> tuple[Callable[[dict], list[LabelledBox]], str]:
+    """A model-free answer per record from the train split (the evaluated split if there is none), and what it is.
+
+    ``objects``: the mean number of objects per image (rounded), each at the mean box, labelled with
+    the most frequent labels in turn. ``phrase``: one box, the mean box of the asked category.
+    """
+    source = dataset["train"] if "train" in dataset and len(dataset["train"]) else dataset[split]
+    where = "the train split" if source is not dataset[split] else f"the evaluated split {split!r} (no train split)"
+    labels, boxes = list(chain.from_iterable(source["labels"])), list(chain.from_iterable(source["boxes"]))
+    if not boxes:
+        return (lambda record: []), f"no boxes in {where}: the prior answers []"
+    mean_box = Box(*np.asarray(boxes, dtype=float).mean(0).tolist())
+    if source[0]["task"] == "phrase":
+        per_label = {label: Box(*np.asarray([b for lab, b in zip(labels, boxes) if lab == label]).mean(0).tolist())
+                     for label in set(labels)}
+        return (lambda record: [LabelledBox(record["query"], per_label.get(record["query"], mean_box))],
+                f"one box per question: the mean box of the asked category in {where}")
+    count = round(len(boxes) / len(source))
+    common = [label for label, _ in Counter(labels).most_common()]
+    guess = [LabelledBox(common[i % len(common)], mean_box) for i in range(count)]
+    return (lambda record: list(guess),
+            f"{count} box(es) (the mean count per image) at the mean box, labelled {[o.label for o in guess]} "
+            f"(the most frequent labels), from {where}")
+
+
+def evaluate_lists(args: EvalArguments, dataset: datasets.DatasetDict, split: datasets.Dataset
+                   ) -> dict[str, dict[str, float]]:
+    """The rows adapter / base (no adapter) / prior on a split of an objects or phrase dataset."""
+    prior, prior_source = list_prior(dataset, args.split)
+    adapter_dir = resolve_adapter(args.adapter)
+    model, processor = load_for_inference(adapter_dir, args.base)
+    predictor = BoxPredictor(model, processor, answer_format=trained_answer_format(adapter_dir),
+                             batch_size=args.batch_size, task=split[0]["task"])
+    has_base = adapter_base(adapter_dir) is not None and predictor.has_adapter
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    truths, found, base, guessed, grid, skipped = [], [], [], [], [], []
+    window = 4 * args.batch_size
+    with open(out / "predictions.jsonl", "w") as f, tqdm(total=len(split), desc="Evaluating", unit="record") as bar:
+        for start in range(0, len(split), window):
+            records, bad = decode_records(split.select(range(start, min(start + window, len(split)))), processor)
+            skipped += bad
+            mine, theirs = _ask(predictor, records), _ask(predictor, records, adapter=False) if has_base else []
+            for i, (record, p) in enumerate(zip(records, mine)):
+                truth = record_objects(record)
+                line = {"image_id": record["image_id"], "query": record["query"], "truth": _listed(truth),
+                        "objects": _listed(p.objects), "raw": p.raw}
+                if theirs:
+                    line["base_objects"], line["base_raw"] = _listed(theirs[i].objects), theirs[i].raw
+                f.write(json.dumps(line) + "\n")
+                if len(grid) < args.grid_images:
+                    grid.append((record["image"], truth, p.objects or [], record["query"] or None))
+                truths.append(truth)
+                found.append(p.objects)
+                base += [theirs[i].objects] if theirs else []
+                guessed.append(prior(record))
+            f.flush()
+            bar.update(len(records) + len(bad))
+    rows = {"adapter": detection_metrics(found, truths)}
+    if has_base:
+        rows["base (no adapter)"] = detection_metrics(base, truths)
+    rows["prior"] = detection_metrics(guessed, truths)
+    report = {"adapter": args.adapter, "dataset": args.dataset, "split": args.split, "task": split[0]["task"],
+              "evaluated": len(truths), "skipped": skipped, "rows": rows, "prior": prior_source,
+              "arguments": asdict(args)}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(rows, DETECTION_METRIC_NAMES)
+    skipped_md = "".join(f"\n- `{s['image_id']}`: {s['error']}" for s in skipped) or " none"
+    (out / "report.md").write_text(
+        f"# {report['task'].capitalize()} evaluation: `{args.adapter}`\n\nDataset `{args.dataset}`, split "
+        f"`{args.split}`: {len(truths)} records.\n\n{table}\n\nPrior: {prior_source}.\n\n"
+        f"Skipped records:{skipped_md}\n\n![predictions](grid.png)\n")
+    save_objects_grid(grid, out / "grid.png")
+    logger.info("\n%s", table)
+    return rows
+
+
+def _ask(predictor: BoxPredictor, records: list[dict[str, Any]], adapter: bool = True) -> list[Prediction]:
+    """Predictions for records that may each ask their own question (phrase) or none (objects)."""
+    results: list[Prediction | None] = [None] * len(records)
+    for query in {r["query"] for r in records}:
+        index = [i for i, r in enumerate(records) if r["query"] == query]
+        answers = predictor.predict([records[i]["image"] for i in index], adapter=adapter, query=query or None)
+        for i, answer in zip(index, answers):
+            results[i] = answer
+    return results  # type: ignore[return-value]
+
+
+def _listed(objects: list[LabelledBox] | None) -> list[dict[str, Any]] | None:
+    return None if objects is None else [{"label": o.label, "box": list(o.box)} for o in objects]

@@ -28,7 +28,7 @@ from trl.models import unwrap_model_for_generation
 
 from .boxes import iou
 from .calibration import Calibration, confidence_metrics, fit_from_predictions
-from .data.coco_builder import record_objects
+from .data.coco_builder import is_list_task, record_objects
 from .decoding import Prediction, generate_answers
 from .detection import detection_metrics
 from .hub import write_model_card
@@ -212,11 +212,6 @@ class BoxSFTTrainer(SFTTrainer):
         if evals:
             return evals[-1], f"last evaluation, step {evals[-1].get('step')}"
         return {}, "no evaluation ran"
-
-
-def is_list_task(dataset) -> bool:
-    """Whether records hold lists of labelled boxes (objects, phrase) rather than one box (subject)."""
-    return "boxes" in dataset.column_names
 
 
 def equal_shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:

@@ -300,3 +300,22 @@ def test_predict_lists_objects_readable_by_supervision_and_pycocotools(objects_r
     ground_truth = COCO(str(annotations))
     loaded = ground_truth.loadRes(results)  # what COCOeval consumes
     assert len(loaded.getAnnIds()) == len(results)
+
+
+@pytest.mark.slow
+def test_eval_on_objects_scores_adapter_base_and_prior_rows(objects_run, tmp_path) -> None:
+    from bbox_sft.cli import main as cli
+    from bbox_sft.data.coco_builder import record_objects
+
+    out, data = objects_run["out"], objects_run["data"]
+    assert cli(["eval", "--adapter", str(out), "--dataset", str(out.parent / "objects"), "--split", "validation",
+                "--output_dir", str(tmp_path / "eval")]) == 0
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert set(report["rows"]) == {"adapter", "prior"}, "a full fine-tune has no adapter to turn off"
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    truth = [record_objects(r) for r in data["validation"]]
+    assert [line["image_id"] for line in lines] == data["validation"]["image_id"]
+    answers = [parse_objects(x["raw"]) for x in lines]
+    assert report["rows"]["adapter"] == pytest.approx(detection_metrics(answers, truth))
+    assert "mean count per image" in report["prior"]
+    assert (tmp_path / "eval" / "grid.png").is_file() and "f1@0.5" in (tmp_path / "eval" / "report.md").read_text()

@@ -192,6 +192,11 @@ class CocoBoxes(datasets.GeneratorBasedBuilder):
             }
 
 
+def is_list_task(dataset) -> bool:
+    """Whether records hold lists of labelled boxes (objects, phrase) rather than one box (subject)."""
+    return "boxes" in dataset.column_names
+
+
 def record_objects(record: dict[str, Any]) -> list[LabelledBox]:
     """The labelled boxes a record holds (its truth)."""
     from ..boxes import Box
