@@ -29,13 +29,21 @@ from PIL import Image
 from .data.synthetic import write_example_images
 from .images import load_image
 from .predict import AdapterError, BoxPredictor, ImageResult
-from .visualize import RED, draw_boxes
+from .visualize import RED, draw_boxes, draw_objects
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER = "outputs/demo/lora"
 EXAMPLES_DIR = "outputs/app_examples"
 BLUE = (40, 90, 230)
+HEADINGS = {
+    "subject": "# Where is the main subject?\nThe fine-tuned model answers with a JSON bounding box (red). "
+               "Confidence: the estimated probability that the box overlaps the true one with IoU ≥ 0.5, "
+               "calibrated when the adapter was trained.",
+    "objects": "# Every object\nThe fine-tuned model answers with a JSON list of labelled boxes (red).",
+    "phrase": "# The objects you name\nType a category; the fine-tuned model answers with a JSON list of its "
+              "boxes (red), `[]` when there is none.",
+}
 NO_ADAPTER = ("no adapter at {path}. Train one with `make demo` (about 8 minutes on a CPU; it writes "
               "outputs/demo/lora), or pass --adapter with your training output folder or a Hub repo id.")
 
@@ -72,12 +80,21 @@ def _answer(result: ImageResult, base: ImageResult | None) -> dict:
     """The JSON line, plus the base model's box under ``"base"`` when it was asked."""
     line = _line(result)
     if base is not None:
-        line["base"] = {k: v for k, v in _line(base).items() if k in ("box", "box_px", "raw")}
+        line["base"] = {k: v for k, v in _line(base).items() if k in ("box", "box_px", "objects", "raw")}
     return line
 
 
 def _describe(name: str, result: ImageResult, base: ImageResult | None) -> str:
     line = _line(result)
+    if "objects" in line:  # a list task
+        objects = line["objects"]
+        listed = "no list in the answer" if objects is None else (
+            f"{len(objects)} object(s)" + "".join(f"  \n- {o['label']}: {tuple(o['box_px'])} px" for o in objects))
+        text = f"**{name}**" + (f" (asked for {result.query})" if result.query else "") + f": {listed}"
+        if base is not None:
+            theirs = _line(base)["objects"]
+            text += f"  \nbase model (adapter off, blue): {'no list' if theirs is None else len(theirs)} object(s)"
+        return text
     if line["box"] is None:
         text = f"**{name}**: no box (unparsed answer `{line['raw']}`)"
     else:
@@ -99,29 +116,45 @@ class BoxApp:
         self._downloads = tempfile.TemporaryDirectory(prefix="bbox_sft_app_")  # removed when the app exits
         self._served = 0
 
-    def _results(self, paths: list[str], compare_base: bool) -> list[tuple[ImageResult, ImageResult | None]]:
+    def _query(self, query: str | None) -> str | None:
+        """The category a phrase model is asked for (None for the other tasks, which take none)."""
+        if self.predictor.task != "phrase":
+            return None
+        if not (query or "").strip():
+            raise ValueError("type the category to find (this model finds the objects a prompt names)")
+        return query.strip()
+
+    def _results(self, paths: list[str], compare_base: bool, query: str | None = None
+                 ) -> list[tuple[ImageResult, ImageResult | None]]:
         if compare_base and not self.predictor.has_adapter:
             raise AdapterError("this model has no adapter to turn off, so there is no base box to show")
-        mine = list(self.predictor.predict_files(paths))
+        query = self._query(query)
+        mine = list(self.predictor.predict_files(paths, query=query))
         if not compare_base:
             return [(result, None) for result in mine]
         readable = [r.path for r in mine if r.error is None]
-        theirs = iter(self.predictor.predict_files(readable, adapter=False))
+        theirs = iter(self.predictor.predict_files(readable, adapter=False, query=query))
         return [(result, None if result.error else next(theirs)) for result in mine]
 
     @staticmethod
     def _drawn(result: ImageResult, base: ImageResult | None) -> Image.Image:
+        image = load_image(result.path)
+        if result.prediction.objects is not None or result.query is not None:  # labelled boxes, base in blue
+            if base is not None:
+                image = draw_boxes(image, [(o.box, BLUE) for o in base.prediction.objects or []])
+            return draw_objects(image, [], result.prediction.objects or [])
         boxes = [(result.prediction.box, RED)]
         if base is not None:
             boxes.insert(0, (base.prediction.box, BLUE))
-        return draw_boxes(load_image(result.path), boxes)
+        return draw_boxes(image, boxes)
 
-    def one(self, path: str | None, compare_base: bool = False) -> tuple[Image.Image | None, str, str]:
+    def one(self, path: str | None, compare_base: bool = False, query: str | None = None
+            ) -> tuple[Image.Image | None, str, str]:
         """One image -> (image with its box drawn, the JSON line, a sentence with pixels and confidence)."""
         if not path:
             return None, "", "**No image.** Upload, paste or drop an image, or pick an example below."
         try:
-            [(result, base)] = self._results([path], compare_base)
+            [(result, base)] = self._results([path], compare_base, query)
         except Exception as error:  # the model could not take it: say so, keep serving
             logger.exception("%s: prediction failed", path)
             return None, "", f"**{Path(path).name}**: the model could not take this image ({error})."
@@ -130,13 +163,13 @@ class BoxApp:
         answer = json.dumps(_answer(result, base), indent=2)
         return self._drawn(result, base), answer, _describe(_label(result), result, base)
 
-    def many(self, paths: list[str] | None, compare_base: bool = False
+    def many(self, paths: list[str] | None, compare_base: bool = False, query: str | None = None
              ) -> tuple[list[tuple[Image.Image, str]], str | None, str]:
         """Several images -> (gallery of drawn boxes, a JSON lines file to download, a summary)."""
         if not paths:
             return [], None, "**No images.** Choose or drop several image files."
         try:
-            results = self._results(list(paths), compare_base)
+            results = self._results(list(paths), compare_base, query)
         except Exception as error:
             logger.exception("prediction failed")
             return [], None, f"**The model could not take these images** ({error})."
@@ -153,8 +186,8 @@ class BoxApp:
                 if result.prediction.confidence is not None:
                     caption += f" · {result.prediction.confidence:.2f}"
                 gallery.append((self._drawn(result, base), caption))
-        summary = f"**{len(gallery)} of {len(results)} image(s)** have a box" + (" (base model in blue)." if
-                                                                                    compare_base else ".")
+        summary = f"**{len(gallery)} of {len(results)} image(s)** answered" + (" (base model in blue)." if
+                                                                                   compare_base else ".")
         if skipped:
             summary += "  \nSkipped: " + "; ".join(skipped)
         return gallery, str(jsonl), summary
@@ -196,9 +229,7 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
 
     with gr.Blocks(title="bbox-sft: main subject box", analytics_enabled=False,
                    delete_cache=(3600, 86400)) as page:  # uploads are deleted after a day
-        gr.Markdown("# Where is the main subject?\nThe fine-tuned model answers with a JSON bounding box "
-                    "(red). Confidence: the estimated probability that the box overlaps the true one "
-                    "with IoU ≥ 0.5, calibrated when the adapter was trained.")
+        gr.Markdown(HEADINGS[predictor.task])
         compare = gr.Checkbox(label=f"Also show the base model's box, adapter off (blue){compare_note}",
                               value=False, interactive=predictor.has_adapter, elem_id="compare-base")
         with gr.Tab("One image"):
@@ -207,6 +238,8 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
                     image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
                                      image_mode=None, elem_id="image-in")
                     _hand_over_unopened(image)
+                    query = gr.Textbox(label="Category to find", value="", elem_id="query",
+                                       visible=predictor.task == "phrase")
                     run_one = gr.Button("Find the box", variant="primary", elem_id="run-one")
                 with gr.Column():
                     drawn = gr.Image(label="Box", type="pil", interactive=False, elem_id="image-out")
@@ -223,10 +256,12 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
                     gallery = gr.Gallery(label="Boxes", columns=3, elem_id="gallery")
                     jsonl = gr.File(label="JSON lines", elem_id="jsonl-out")
         one_outputs = [drawn, answer, summary]
-        run_one.click(handlers.one, [image, compare], one_outputs, api_name="predict_one")
+        asked = [query] if predictor.task == "phrase" else []  # phrase models: the category is one more input
+        run_one.click(handlers.one, [image, compare, *asked], one_outputs, api_name="predict_one")
         for changed in (image, compare):  # a new image or the switch flipped: answer at once
-            changed.change(handlers.one, [image, compare], one_outputs, api_visibility="private")
-        run_many.click(handlers.many, [files, compare], [gallery, jsonl, summary_many], api_name="predict_many")
+            changed.change(handlers.one, [image, compare, *asked], one_outputs, api_visibility="private")
+        run_many.click(handlers.many, [files, compare, *asked], [gallery, jsonl, summary_many],
+                       api_name="predict_many")
     page.queue(default_concurrency_limit=1)  # one model: requests are served one at a time, in order
     return page
 

@@ -32,7 +32,7 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
 
 from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
-from bbox_sft.data.coco_builder import record_objects
+from bbox_sft.data.coco_builder import is_list_task, record_objects
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
     check_answer_format,
@@ -135,7 +135,13 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
             test_size=script_args.test_size,
             box_mode=script_args.box_mode,
             answer_format=script_args.answer_format,
+            task=script_args.task,
         )
+    records = dataset.get(script_args.dataset_train_split)
+    found = records[0]["task"] if records is not None and len(records) and is_list_task(records) else "subject"
+    if records is not None and len(records) and found != script_args.task:
+        raise ValueError(f"task is {script_args.task!r} but {script_args.dataset_name} holds {found!r} records: "
+                         f"set task: {found} (or point dataset_name at a {script_args.task} dataset)")
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split not in dataset or (split == script_args.dataset_train_split and len(dataset[split]) == 0):
             raise ValueError(f"{script_args.dataset_name}: split {split!r} is missing or empty "
@@ -193,9 +199,7 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
         args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
-        train = trainer.train_dataset  # the task the records teach, for predict/eval
-        task = train[0]["task"] if "task" in train.column_names and len(train) else "subject"
-        args_path.write_text(json.dumps({**asdict(script_args), "task": task}, indent=2))  # answer format, task
+        args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format and task for predict/eval
     logger.info("model saved to %s", training_args.output_dir)
 
     ################

@@ -244,7 +244,7 @@ def objects_run(tiny_model_dir, tmp_path_factory):
         "--output_dir", str(tmp / "run"), "--build_tiny_model", "false", "--image_min_side", "128",
         "--image_max_side", "160", "--max_steps", "120", "--eval_strategy", "steps", "--eval_steps", "120",
         "--box_eval_samples", "0", "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3",
-        "--warmup_steps", "0"]))
+        "--warmup_steps", "0", "--task", "objects"]))
     return {"trainer": trainer, "data": data, "out": tmp / "run", "coco": root}
 
 
@@ -319,3 +319,89 @@ def test_eval_on_objects_scores_adapter_base_and_prior_rows(objects_run, tmp_pat
     assert report["rows"]["adapter"] == pytest.approx(detection_metrics(answers, truth))
     assert "mean count per image" in report["prior"]
     assert (tmp_path / "eval" / "grid.png").is_file() and "f1@0.5" in (tmp_path / "eval" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_app_handlers_show_an_objects_model_s_list_like_predict(objects_run, capsys) -> None:
+    from bbox_sft.app import BoxApp
+    from bbox_sft.cli import main as cli
+    from bbox_sft.predict import BoxPredictor
+
+    out, image = objects_run["out"], sorted((objects_run["coco"] / "images").iterdir())[1]
+    assert cli(["predict", "--adapter", str(out), "--image", str(image)]) == 0
+    expected = {**json.loads(capsys.readouterr().out.splitlines()[-1]), "image": image.name}
+    app = BoxApp(BoxPredictor.from_pretrained(out))
+    drawn, answer, sentence = app.one(str(image))
+    assert json.loads(answer) == expected and drawn.size == (expected["width"], expected["height"])
+    assert f"{len(expected['objects'])} object(s)" in sentence
+    _, jsonl, summary = app.many([str(image), str(image.with_name("missing.jpg"))])
+    lines = [json.loads(line) for line in open(jsonl)]
+    assert lines[0] == expected and "missing_file" not in lines[1] and "no such file" in lines[1]["error"]
+
+
+
+def test_a_recipe_whose_task_does_not_match_the_dataset_is_refused_naming_the_field(tiny_model_dir, tmp_path) -> None:
+    from pathlib import Path
+
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+    from bbox_sft.data.synthetic import write_synthetic_coco
+    from bbox_sft.train import build_trainer, parse_args
+
+    root = write_synthetic_coco(tmp_path / "coco", n=12, seed=4)
+    prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "phrase"), task="phrase",
+                                     train_size=8, val_size=2, test_size=2))
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml")
+    args = [recipe, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp_path / "phrase"),
+            "--output_dir", str(tmp_path / "run"), "--build_tiny_model", "false"]
+    with pytest.raises(ValueError, match="task is 'objects' but .* holds 'phrase' records: set task: phrase"):
+        build_trainer(*parse_args([*args, "--task", "objects"]))
+    with pytest.raises(ValueError, match="task is 'subject'"):
+        build_trainer(*parse_args(args))
+    assert not (tmp_path / "run").exists(), "refused before the output folder is written"
+    assert build_trainer(*parse_args([*args, "--task", "phrase"])).train_dataset[0]["task"] == "phrase"
+
+
+# --- constrained decoding of lists ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    from bbox_sft.testing import build_qwen_tokenizer, build_tokenizer
+
+    return {"tiny": build_tokenizer(), "qwen": build_qwen_tokenizer()}
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+@settings(max_examples=40, deadline=None)
+@given(items=objects(max_size=4))
+def test_the_list_grammar_writes_exactly_what_the_tokenizer_encodes(tokenizers, which, answer_format, items) -> None:
+    from bbox_sft.list_grammar import ListGrammar
+
+    tokenizer = tokenizers[which]
+    grammar = ListGrammar(tokenizer, LABELS, answer_format, max_objects=4)
+    ids = grammar.compose(items)
+    assert ids == tokenizer(format_objects(items, answer_format), add_special_tokens=False)["input_ids"]
+    for t, token in enumerate(ids):  # every training answer is a walk the grammar allows
+        assert token in grammar.allowed(ids[:t])
+    assert grammar.allowed(ids) == [grammar.eos]
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_any_walk_through_the_list_grammar_is_an_ordered_list_of_known_labels(tokenizers, which, answer_format,
+                                                                              data) -> None:
+    from bbox_sft.list_grammar import ListGrammar
+
+    tokenizer = tokenizers[which]
+    grammar = ListGrammar(tokenizer, LABELS, answer_format, max_objects=3)
+    ids: list[int] = []
+    while not ids or ids[-1] != grammar.eos:
+        ids.append(data.draw(st.sampled_from(grammar.allowed(ids))))
+        assert len(ids) < 400, "every walk ends"
+    found = parse_objects(tokenizer.decode(ids, skip_special_tokens=True))
+    assert found is not None and len(found) <= 3
+    assert all(o.label in LABELS and o.box.x_max > o.box.x_min and o.box.y_max > o.box.y_min for o in found)
+    assert [o.box.x_min for o in found] == sorted(o.box.x_min for o in found)

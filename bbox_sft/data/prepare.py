@@ -130,9 +130,10 @@ def load_or_build_dataset(
         return datasets.load_from_disk(str(path))
     if data_dir is not None:
         if not Path(data_dir).exists() and synthetic_images > 0:
-            from .synthetic import write_synthetic_set
+            from .synthetic import write_synthetic_coco, write_synthetic_set
 
-            write_synthetic_set(data_dir, n=synthetic_images, seed=synthetic_seed, domain=synthetic_domain)
+            write = write_synthetic_set if build_kwargs.get("task", "subject") == "subject" else write_synthetic_coco
+            write(data_dir, n=synthetic_images, seed=synthetic_seed, domain=synthetic_domain)
         if not Path(data_dir).exists():
             raise FileNotFoundError(f"data_dir {data_dir} does not exist (needed to build {dataset_name})")
         return prepare_dataset(PrepareArguments(data_dir=data_dir, output_dir=dataset_name, **build_kwargs))
