@@ -273,8 +273,10 @@ def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float
 def _choice(grammar: AnswerGrammar, state: tuple[list[int], int | None, str], logits: torch.Tensor) -> Choice | None:
     """The :class:`Choice` at a step in grammar ``state``, or None where it left no choice between digits."""
     options, number, chars = state
+    if number is None:  # a fixed run, or a grammar that scores no digits (the list grammar)
+        return None
     digits = [t for t in options if t in grammar.char_of and t != grammar.dot]
-    if number is None or len(digits) < 2:
+    if len(digits) < 2:
         return None
     probs = logits.float()[digits].softmax(-1).tolist()
     return Choice(number, len(chars.replace(".", "")), [int(grammar.char_of[t]) for t in digits], probs)
@@ -410,6 +412,7 @@ def generate_answers(
     calibration: Calibration | None = None,
     instruction: str | Sequence[str] = INSTRUCTION,
     parse: Callable[[str], Box | list[LabelledBox] | None] = parse_answer,
+    labels: Sequence[str] | None = None,
 ) -> list[Prediction]:
     """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image.
 
@@ -418,13 +421,19 @@ def generate_answers(
     with the grammar as a logits processor otherwise; unconstrained decoding is ``generate``.
     ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets
     transformers decide. ``calibration`` turns each box's spread into P(IoU >= 0.5). ``instruction``
-    (one, or one per image) and ``parse`` ask another question unconstrained: the native grounding
-    baseline, or the list tasks, whose ``parse`` returns labelled boxes.
+    (one, or one per image) and ``parse`` ask another question: the native grounding baseline
+    (unconstrained), or the list tasks, whose ``parse`` returns labelled boxes; with ``labels`` (the
+    labels a list may hold) and ``constrained``, lists are written under
+    :class:`~bbox_sft.list_grammar.ListGrammar` through ``generate``.
     """
+    from .list_grammar import ListGrammar
+
     tokenizer = processor.tokenizer
-    grammar = AnswerGrammar(tokenizer, answer_format) if constrained else None
+    lists = labels is not None
+    grammar = (ListGrammar(tokenizer, labels, answer_format) if lists else AnswerGrammar(tokenizer, answer_format)
+               ) if constrained else None
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
+    use_decoder = grammar is not None and not lists and ForcedTokenDecoder.supports(model)
     asked = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
     if len(asked) != len(images):
         raise ValueError(f"{len(asked)} instructions for {len(images)} images")
@@ -460,7 +469,7 @@ def generate_answers(
                     continue
                 if box is not None and letterbox is not None:
                     box = letterbox.to_original(box)
-                spread = box_spread(choices[row], raw, answer_format) if grammar else None
+                spread = box_spread(choices[row], raw, answer_format) if grammar is not None else None
                 confidence = calibration.probability(spread, box) if calibration and box else None
                 results[i] = Prediction(box, raw, spread, confidence)
     finally:

@@ -25,14 +25,22 @@ from tqdm.auto import tqdm
 
 from .boxes import Box, iou
 from .calibration import Calibration, confidence_metrics, save_reliability_plot
-from .data.coco_builder import is_list_task, record_objects
+from .data.coco_builder import dataset_labels, is_list_task, record_objects
 from .data.prepare import load_or_build_dataset
 from .decoding import Prediction, generate_answers
 from .detection import DETECTION_METRIC_NAMES, detection_metrics
 from .images import ImageError, open_image
 from .metrics import METRIC_NAMES, box_metrics
 from .objects import LabelledBox
-from .predict import BoxPredictor, adapter_base, load_for_inference, resolve_adapter, rounded, trained_answer_format
+from .predict import (
+    BoxPredictor,
+    adapter_base,
+    load_for_inference,
+    resolve_adapter,
+    rounded,
+    trained_answer_format,
+    trained_labels,
+)
 from .task import NATIVE_GROUNDING_INSTRUCTION, parse_native_grounding
 from .visualize import save_box_grid, save_objects_grid
 
@@ -258,7 +266,8 @@ def evaluate_lists(args: EvalArguments, dataset: datasets.DatasetDict, split: da
     adapter_dir = resolve_adapter(args.adapter)
     model, processor = load_for_inference(adapter_dir, args.base)
     predictor = BoxPredictor(model, processor, answer_format=trained_answer_format(adapter_dir),
-                             batch_size=args.batch_size, task=split[0]["task"])
+                             batch_size=args.batch_size, task=split[0]["task"], constrained=args.constrained,
+                             labels=trained_labels(adapter_dir) or dataset_labels(split))
     has_base = adapter_base(adapter_dir) is not None and predictor.has_adapter
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -138,10 +138,11 @@ class BoxPredictor:
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
                  constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
-                 task: str = "subject", max_new_tokens: int = 384) -> None:
+                 task: str = "subject", max_new_tokens: int = 640, labels: Sequence[str] | None = None) -> None:
         if task not in ("subject", "objects", "phrase"):
             raise ValueError(f"task must be subject, objects or phrase, got {task!r}")
         self.task = task
+        self.labels = list(labels) if labels is not None else None  # list tasks: what constrained answers may name
         self.max_new_tokens = max_new_tokens  # list tasks: room for the longest list
         self.model = model
         self.calibration = calibration
@@ -157,6 +158,7 @@ class BoxPredictor:
         model, processor = load_for_inference(adapter_dir, base)
         kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
         kwargs.setdefault("task", trained_task(adapter_dir))
+        kwargs.setdefault("labels", trained_labels(adapter_dir))
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
@@ -186,9 +188,10 @@ class BoxPredictor:
             if (query is None) == (self.task == "phrase"):
                 raise ValueError("a phrase model needs a query (the category to find); other tasks take none"
                                  if self.task == "phrase" else f"a {self.task} model takes no query")
+            labels = [query] if query else self.labels  # a phrase answer names only what was asked
             options.update(instruction=phrase_instruction(query) if query else OBJECTS_INSTRUCTION,
-                           parse=parse_objects, constrained=False, calibration=None,
-                           max_new_tokens=self.max_new_tokens)
+                           parse=parse_objects, labels=labels, calibration=None, max_new_tokens=self.max_new_tokens,
+                           constrained=self.constrained and labels is not None)
         elif query is not None:
             raise ValueError("a subject model takes no query")
         with contextlib.nullcontext() if adapter else self.without_adapter():
@@ -228,6 +231,12 @@ def trained_answer_format(adapter_dir: str | Path) -> str:
     if args.is_file():
         return json.loads(args.read_text()).get("answer_format", "json")
     return "json"
+
+
+def trained_labels(adapter_dir: str | Path) -> list[str] | None:
+    """The labels of a list-task run's data (saved with its arguments); None for subject runs or if unknown."""
+    args = Path(adapter_dir) / "bbox_sft_args.json"
+    return json.loads(args.read_text()).get("labels") if args.is_file() else None
 
 
 def trained_task(adapter_dir: str | Path) -> str:

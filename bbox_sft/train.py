@@ -32,7 +32,7 @@ from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
 
 from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
-from bbox_sft.data.coco_builder import is_list_task, record_objects
+from bbox_sft.data.coco_builder import dataset_labels, is_list_task, record_objects
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
     check_answer_format,
@@ -172,6 +172,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
         constrained_decoding=script_args.constrained_decoding,
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
         final_eval_dataset=dataset.get("test"),
+        labels=dataset_labels(dataset[script_args.dataset_train_split]),
         calibration_dataset=dataset.get(script_args.dataset_test_split),
     )
 
@@ -199,7 +200,8 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
         args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
-        args_path.write_text(json.dumps(asdict(script_args), indent=2))  # answer format and task for predict/eval
+        saved = {**asdict(script_args), "labels": trainer.labels}  # answer format, task and labels for predict/eval
+        args_path.write_text(json.dumps(saved, indent=2))
     logger.info("model saved to %s", training_args.output_dir)
 
     ################

@@ -56,7 +56,8 @@ class BoxSFTTrainer(SFTTrainer):
         answer_format: str = "json",
         constrained_decoding: bool = True,
         grid_images: int = 16,
-        list_max_new_tokens: int = 384,
+        list_max_new_tokens: int = 640,
+        labels: list[str] | None = None,
         card_info: dict[str, Any] | None = None,
         final_eval_dataset=None,
         calibration_dataset=None,
@@ -71,6 +72,7 @@ class BoxSFTTrainer(SFTTrainer):
         self.constrained_decoding = constrained_decoding
         self.grid_images = grid_images
         self.list_max_new_tokens = list_max_new_tokens
+        self.labels = labels  # list tasks: the labels constrained decoding allows
         self.card_info = card_info or {}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -133,7 +135,7 @@ class BoxSFTTrainer(SFTTrainer):
                        synced_gpus=sharded, calibration=self.calibration)
         if is_list_task(dataset):  # the question is in each record; answers read as labelled boxes
             options.update(instruction=[p[0]["content"][1]["text"] for p in rows["prompt"]], parse=parse_objects,
-                           constrained=False, calibration=None, max_new_tokens=self.list_max_new_tokens)
+                           labels=self.labels, calibration=None, max_new_tokens=self.list_max_new_tokens)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             predictions = generate_answers(model, self.processing_class, list(rows["image"]), **options)
         mine = list(zip(shard, predictions))  # the padding is left out here

@@ -197,6 +197,14 @@ def is_list_task(dataset) -> bool:
     return "boxes" in dataset.column_names
 
 
+def dataset_labels(dataset) -> list[str] | None:
+    """The labels a list-task dataset's answers may hold (its boxes' labels and asked categories); None for subject."""
+    if not is_list_task(dataset):
+        return None
+    queries = [q for q in dataset["query"] if q]
+    return sorted({label for labels in dataset["labels"] for label in labels} | set(queries))
+
+
 def record_objects(record: dict[str, Any]) -> list[LabelledBox]:
     """The labelled boxes a record holds (its truth)."""
     from ..boxes import Box
