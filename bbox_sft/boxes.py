@@ -106,3 +106,18 @@ def mask_to_box(
     x1 = x0 + keep[:, cv2.CC_STAT_WIDTH]
     y1 = y0 + keep[:, cv2.CC_STAT_HEIGHT]
     return box_from_pixels(x0.min(), y0.min(), x1.max(), y1.max(), width, height)
+
+
+def mask_to_boxes(mask: np.ndarray, threshold: int = 128, min_fraction: float = 0.25) -> list[Box]:
+    """One box per 8-connected foreground component whose area is at least ``min_fraction`` of the
+    largest one's (the ``objects`` task read from a saliency mask); ``[]`` if nothing is foreground."""
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    height, width = mask.shape
+    count, _, stats, _ = cv2.connectedComponentsWithStats((mask >= threshold).astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return []
+    stats = stats[1:]
+    areas = stats[:, cv2.CC_STAT_AREA]
+    return [box_from_pixels(x, y, x + w, y + h, width, height)
+            for x, y, w, h, area in stats[:, :5] if area >= min_fraction * areas.max()]

@@ -74,6 +74,15 @@ def dataset_card(report: dict[str, Any], citation: str) -> str:
     sources = ", ".join(f"{name} ({n} images)" for name, n in report["sources"].items())
     skipped = ", ".join(f"{n} {reason}" for reason, n in report["skipped"].items()) or "none"
     rows = "\n".join(f"| {split} | {n} |" for split, n in splits.items())
+    if config.get("task") == "objects":
+        title, what = "Object boxes from saliency masks", "a box per object (labelled `object`)"
+        boxes = (f"mask pixels >= {config['threshold']} are foreground, split into 8-connected components; "
+                 f"every component of at least {config['min_fraction']} of the largest one's area is an object.")
+    else:
+        title, what = "Main-subject boxes from saliency masks", "the box of its main subject"
+        boxes = (f"mask pixels >= {config['threshold']} are foreground, split into 8-connected\n  components; "
+                 f"box mode `{config['box_mode']}` (`largest`: the largest component;\n  `union`: all foreground; "
+                 f"`components`: all components of at least {config['min_fraction']} of the\n  largest one's area).")
     return f"""---
 task_categories:
 - object-detection
@@ -86,16 +95,13 @@ size_categories:
 - n<10K
 ---
 
-# Main-subject boxes from saliency masks
+# {title}
 
-Each record holds an image, the box of its main subject, and the chat turns that TRL's vision SFT
+Each record holds an image, {what}, and the chat turns that TRL's vision SFT
 reads (`prompt`: user turn with the image and the instruction; `completion`: the answer).
 
 - **Source:** {sources}
-- **Box definition:** mask pixels >= {config["threshold"]} are foreground, split into 8-connected
-  components; box mode `{config["box_mode"]}` (`largest`: the largest component;
-  `union`: all foreground; `components`: all components of at least {config["min_fraction"]} of the
-  largest one's area). Normalised to [0, 1] with pixel edges: the full image is `[0, 0, 1, 1]`.
+- **Box definition:** {boxes} Normalised to [0, 1] with pixel edges: the full image is `[0, 0, 1, 1]`.
 - **Answer format:** `{config["answer_format"]}`
 - **Splits** (by a stable hash of the image id, seed {config["seed"]}):
 

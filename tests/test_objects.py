@@ -405,3 +405,31 @@ def test_any_walk_through_the_list_grammar_is_an_ordered_list_of_known_labels(to
     assert found is not None and len(found) <= 3
     assert all(o.label in LABELS and o.box.x_max > o.box.x_min and o.box.y_max > o.box.y_min for o in found)
     assert [o.box.x_min for o in found] == sorted(o.box.x_min for o in found)
+
+
+def test_saliency_masks_give_objects_records_one_per_large_component(tmp_path) -> None:
+    import cv2
+
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+
+    images, masks = tmp_path / "set" / "images", tmp_path / "set" / "masks"
+    images.mkdir(parents=True)
+    masks.mkdir(parents=True)
+    for i in range(6):
+        cv2.imwrite(str(images / f"m{i}.png"), np.full((100, 200, 3), 40 * i, np.uint8))
+        mask = np.zeros((100, 200), np.uint8)
+        mask[10:50, 20:60] = 255  # 40x40
+        mask[60:90, 150:190] = 255  # 30x40: kept (0.75 of the largest)
+        mask[5:8, 190:193] = 255 if i % 2 else 0  # a 3x3 speck: left out
+        cv2.imwrite(str(masks / f"m{i}.png"), mask)
+    data = prepare_dataset(PrepareArguments(data_dir=str(tmp_path / "set"), output_dir=str(tmp_path / "out"),
+                                            task="objects", train_size=6, val_size=0, test_size=0))
+    for record in data["train"]:
+        assert record["labels"] == ["object", "object"] and record["task"] == "objects"
+        assert np.allclose(record["boxes"], [[0.1, 0.1, 0.3, 0.5], [0.75, 0.6, 0.95, 0.9]])
+        assert record["completion"][0]["content"][0]["text"] == (
+            '[{"label": "object", "x_min": 0.10, "y_min": 0.10, "x_max": 0.30, "y_max": 0.50}, '
+            '{"label": "object", "x_min": 0.75, "y_min": 0.60, "x_max": 0.95, "y_max": 0.90}]')
+    assert "Object boxes from saliency masks" in (tmp_path / "out" / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
+        prepare_dataset(PrepareArguments(data_dir=str(tmp_path / "set"), output_dir=str(tmp_path / "p"), task="phrase"))

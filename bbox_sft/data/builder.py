@@ -25,13 +25,15 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
-from ..boxes import BOX_MODES
+from ..boxes import BOX_MODES, Box
+from ..objects import OBJECTS_INSTRUCTION, LabelledBox, format_objects
 from ..task import ANSWER_FORMATS, INSTRUCTION, completion_messages, format_answer, prompt_messages
 from .checks import PairCheck, check_pair, image_bytes
 from .sources import Pair, find_archives, find_pairs
 from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
+MASK_LABEL = "object"  # the objects task from saliency masks: components have no category
 
 _MESSAGES = [
     {
@@ -65,9 +67,12 @@ class SaliencyBoxesConfig(datasets.BuilderConfig):
     test_size: int = 500
     seed: int = 42
     num_proc: int = 1
+    task: str = "subject"  # or objects: every mask component kept (min_fraction), labelled "object"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.task not in ("subject", "objects"):
+            raise ValueError(f"saliency masks give the subject or objects task, not {self.task!r}")
         if self.box_mode not in BOX_MODES:
             raise ValueError(f"box_mode must be one of {BOX_MODES}, got {self.box_mode!r}")
         if self.answer_format not in ANSWER_FORMATS:
@@ -85,9 +90,11 @@ class SaliencyBoxes(datasets.GeneratorBasedBuilder):
     VERSION = datasets.Version("1.0.0")
 
     def _info(self) -> datasets.DatasetInfo:
+        from .coco_builder import OBJECT_FEATURES
+
         return datasets.DatasetInfo(
             description="Main-subject bounding boxes from saliency masks; " + INSTRUCTION,
-            features=FEATURES,
+            features=FEATURES if self.config.task == "subject" else OBJECT_FEATURES,
             citation=DUTS_CITATION,
         )
 
@@ -137,6 +144,16 @@ class SaliencyBoxes(datasets.GeneratorBasedBuilder):
     def _generate_examples(self, records: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
         answer_format = self.config.answer_format
         for record in records:
+            if self.config.task == "objects":  # every kept component, labelled "object"
+                objects = [LabelledBox(MASK_LABEL, Box(*b)) for b in record["boxes"]]
+                yield record["image_id"], {
+                    "image": image_bytes(record["path"], record["reencode"]),
+                    "image_id": record["image_id"], "width": record["width"], "height": record["height"],
+                    "task": "objects", "query": "", "labels": [MASK_LABEL] * len(objects),
+                    "boxes": [list(o.box) for o in objects], "prompt": prompt_messages(OBJECTS_INSTRUCTION),
+                    "completion": completion_messages(format_objects(objects, answer_format)),
+                }
+                continue
             box = record["box"]
             yield record["image_id"], {
                 "image": image_bytes(record["path"], record["reencode"]),
@@ -157,6 +174,7 @@ def _record_plan(pair: Pair, check: PairCheck) -> dict[str, Any]:
         "width": check.width,
         "height": check.height,
         "box": tuple(check.box),
+        "boxes": [tuple(b) for b in check.boxes],
     }
 
 

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..boxes import Box, BoxMode, mask_to_box
+from ..boxes import Box, BoxMode, mask_to_box, mask_to_boxes
 from ..images import ORIENTATION_TRANSPOSE, SIDEWAYS, load_image, orientation, processor_problem
 
 
@@ -22,6 +22,7 @@ class PairCheck:
     """The outcome for one pair: a box, or the reason it was skipped; ``handled`` lists fixes applied."""
 
     box: Box | None = None
+    boxes: list[Box] = field(default_factory=list)  # every component kept (the objects task)
     width: int = 0
     height: int = 0
     skip: str | None = None
@@ -112,6 +113,7 @@ def check_pair(
         mask = mask * 255
         result.handled.append("mask_0_1")
     box = mask_to_box(mask, threshold=threshold, mode=box_mode, min_fraction=min_fraction)
+    result.boxes = mask_to_boxes(mask, threshold=threshold, min_fraction=min_fraction)
     if box is None:
         result.skip, result.detail = "empty_mask", f"no mask pixel >= {threshold}"
         return result

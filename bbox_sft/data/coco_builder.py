@@ -56,6 +56,15 @@ OBJECT_FEATURES = datasets.Features(
 ANNOTATION_NAMES = ("annotations.json", "_annotations.coco.json")
 
 
+def has_coco(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a COCO annotation file (else, for objects, its saliency masks are read)."""
+    try:
+        find_coco(data_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def find_coco(data_dir: str | Path) -> tuple[Path, Path]:
     """The annotation file and the image folder under ``data_dir`` (see the module docstring)."""
     root = Path(data_dir)

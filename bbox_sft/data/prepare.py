@@ -14,7 +14,7 @@ import datasets
 from ..hub import dataset_card, objects_dataset_card, push_or_explain
 from ..visualize import GREEN, draw_boxes, image_grid
 from .builder import DUTS_CITATION, FEATURES, SaliencyBoxes, summary_line
-from .coco_builder import OBJECT_FEATURES, CocoBoxes, coco_summary_line
+from .coco_builder import OBJECT_FEATURES, CocoBoxes, coco_summary_line, has_coco
 from .splits import SPLITS
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class PrepareArguments:
     seed: int = field(default=42, metadata={"help": "Seed of the split hash."})
     box_mode: str = field(default="largest", metadata={"help": "largest | union | components"})
     threshold: int = field(default=128, metadata={"help": "Mask value from which a pixel is foreground."})
-    min_fraction: float = field(default=0.25, metadata={"help": "components mode: least area vs the largest."})
+    min_fraction: float = field(default=0.25, metadata={
+        "help": "components mode, and the objects task from masks: a component's least area vs the largest."})
     answer_format: str = field(default="json", metadata={"help": "json | qwen"})
     task: str = field(default="subject", metadata={
         "help": "subject (one box, from masks) | objects (every object) | phrase (the objects a prompt names)"})
@@ -50,15 +51,18 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
     output_dir = Path(args.output_dir)
     sizes = dict(answer_format=args.answer_format, train_size=args.train_size, val_size=args.val_size,
                  test_size=args.test_size, seed=args.seed, num_proc=args.num_proc)
+    from_masks = args.task == "subject" or (args.task == "objects" and not has_coco(args.data_dir))
     features, citation, summary = FEATURES, DUTS_CITATION, summary_line
     if args.task != "subject":
-        features, citation, summary = OBJECT_FEATURES, "", coco_summary_line
+        features = OBJECT_FEATURES
+    if not from_masks:
+        citation, summary = "", coco_summary_line
     # a fresh cache each time: the builder's cache key does not see files added to data_dir
     with tempfile.TemporaryDirectory(prefix="bbox_sft_build_") as cache_dir:
-        if args.task == "subject":
+        if from_masks:  # subject boxes, or (objects) every mask component labelled "object"
             builder = SaliencyBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()),
                                     box_mode=args.box_mode, threshold=args.threshold,
-                                    min_fraction=args.min_fraction, **sizes)
+                                    min_fraction=args.min_fraction, task=args.task, **sizes)
         else:
             builder = CocoBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()), task=args.task,
                                 absent_per_image=args.absent_per_image, **sizes)
@@ -76,7 +80,7 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
         dataset.save_to_disk(str(output_dir), num_shards={split: 1 for split in empty} or None)
     report = {**builder.report, "empty_splits": empty}
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    card = dataset_card(report, citation) if args.task == "subject" else objects_dataset_card(report)
+    card = dataset_card(report, citation) if from_masks else objects_dataset_card(report)
     (output_dir / "README.md").write_text(card)
     logger.info(summary(report))
     logger.info("saved to %s (report: %s)", output_dir, output_dir / REPORT_NAME)
