@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -130,12 +131,25 @@ def write_model_card(
     hub_model_id: str | None = None,
     metrics_source: str = "last evaluation",
     test_metrics: dict[str, Any] | None = None,
+    task: str = "subject",
 ) -> Path:
     """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
+    from .detection import DETECTION_METRIC_NAMES
+    from .objects import OBJECTS_INSTRUCTION, phrase_instruction
+    from .task import INSTRUCTION
+
     output_dir = Path(output_dir)
     is_adapter = (output_dir / "adapter_config.json").is_file()
     repo = hub_model_id or str(output_dir)
     shown = ("loss", "mean_iou", "median_iou", "success@0.5", "success@0.75", "parse_rate")
+    if task != "subject":
+        shown = ("loss", *DETECTION_METRIC_NAMES)
+    instruction = {"subject": INSTRUCTION, "objects": OBJECTS_INSTRUCTION}.get(task) or phrase_instruction("cat")
+    does = {"subject": "Finds the main subject of an image and answers with its bounding box",
+            "objects": "Finds every object in an image and answers with a JSON list of labelled boxes",
+            "phrase": "Finds the objects of the category a prompt names and answers with a JSON list of their boxes"
+            }[task]
+    query = " --query cat" if task == "phrase" else ""
     scores = {k: metrics[f"eval_{k}"] for k in shown if f"eval_{k}" in metrics}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float))
     tests = {k: test_metrics[f"test_{k}"] for k in shown if f"test_{k}" in (test_metrics or {})}
@@ -164,21 +178,21 @@ base = AutoModelForImageTextToText.from_pretrained("{base_model}", dtype="auto")
 model = PeftModel.from_pretrained(base, "{repo}")
 processor = AutoProcessor.from_pretrained("{repo}")
 messages = [{{"role": "user", "content": [{{"type": "image"}},
-             {{"type": "text", "text": "Find the main subject and output a JSON bounding box."}}]}}]
+             {{"type": "text", "text": {json.dumps(instruction)}}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[text], images=[Image.open("photo.jpg")], return_tensors="pt").to(model.device)
-out = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+out = model.generate(**inputs, max_new_tokens={64 if task == "subject" else 640}, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 
-Or with this project: `bbox-sft predict --adapter {repo} --image photo.jpg`.'''
+Or with this project: `bbox-sft predict --adapter {repo} --image photo.jpg{query}`.'''
     else:
-        usage = f"`bbox-sft predict --adapter {repo} --image photo.jpg`"
+        usage = f"`bbox-sft predict --adapter {repo} --image photo.jpg{query}`"
     card = "\n".join(m for m in meta if m) + f"""
 
 # {Path(repo).name}
 
-Finds the main subject of an image and answers with its bounding box
+{does}
 (answer format `{answer_format}`), fine-tuned from `{base_model}` with bbox-sft (TRL + PEFT).
 
 ## Usage

@@ -173,6 +173,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
         final_eval_dataset=dataset.get("test"),
         labels=dataset_labels(dataset[script_args.dataset_train_split]),
+        task=script_args.task,
         calibration_dataset=dataset.get(script_args.dataset_test_split),
     )
 

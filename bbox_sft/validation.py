@@ -58,6 +58,7 @@ class BoxSFTTrainer(SFTTrainer):
         grid_images: int = 16,
         list_max_new_tokens: int = 640,
         labels: list[str] | None = None,
+        task: str = "subject",
         card_info: dict[str, Any] | None = None,
         final_eval_dataset=None,
         calibration_dataset=None,
@@ -73,6 +74,7 @@ class BoxSFTTrainer(SFTTrainer):
         self.grid_images = grid_images
         self.list_max_new_tokens = list_max_new_tokens
         self.labels = labels  # list tasks: the labels constrained decoding allows
+        self.task = task
         self.card_info = card_info or {}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -187,7 +189,8 @@ class BoxSFTTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         metrics, source = self.saved_model_metrics()
-        tests = [e for e in self.state.log_history if "test_mean_iou" in e]
+        key = "test_mean_iou" if self.task == "subject" else "test_f1@0.5"
+        tests = [e for e in self.state.log_history if key in e]
         write_model_card(
             self.args.output_dir,
             base_model=self.card_info.get("base_model") or getattr(self.model.config, "_name_or_path", None),
@@ -197,6 +200,7 @@ class BoxSFTTrainer(SFTTrainer):
             test_metrics=tests[-1] if tests else None,
             answer_format=self.answer_format,
             hub_model_id=self.args.hub_model_id,
+            task=self.task,
         )
 
     def saved_model_metrics(self) -> tuple[dict[str, Any], str]:
@@ -204,7 +208,8 @@ class BoxSFTTrainer(SFTTrainer):
 
         With ``load_best_model_at_end`` that is the best checkpoint's evaluation, not the last one.
         """
-        evals = [e for e in self.state.log_history if "eval_mean_iou" in e]
+        key = "eval_mean_iou" if self.task == "subject" else "eval_f1@0.5"
+        evals = [e for e in self.state.log_history if key in e]
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best:
             step = int(Path(best).name.rsplit("-", 1)[-1])

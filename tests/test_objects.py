@@ -260,8 +260,12 @@ def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrot
     expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth)
     assert expected["parse_rate"] == 1.0, "120 steps teach the tiny model the list format"
     assert {k: logged[f"eval_{k}"] for k in expected} == pytest.approx(expected)
-    assert json.loads((out / "bbox_sft_args.json").read_text())["task"] == "objects"
+    saved = json.loads((out / "bbox_sft_args.json").read_text())
+    assert saved["task"] == "objects" and saved["labels"] == ["ellipse", "rectangle", "star", "triangle"]
     assert (out / "validation" / "step-000120.png").is_file()
+    card = (out / "README.md").read_text()
+    assert "Finds every object" in card and "Find every object and output a JSON list" not in card  # full model
+    assert f"| f1@0.5 | {logged['eval_f1@0.5']:.4f} |" in card and "| map |" in card
 
 
 @pytest.mark.slow
