@@ -178,10 +178,8 @@ class ListGrammar:
         digits, may_end = self._options(state)
         if not may_end:
             return digits
-        return digits + [t for t in self.allowed_after_number(state) if t not in digits]
-
-    def allowed_after_number(self, state: _State) -> list[int]:
-        return list(self._after_number(state).node.children)
+        following = self._after_number(state).node  # the connector after the number (qwen: 1-4 digits)
+        return digits + [t for t in following.children if t not in digits]
 
     def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
         """``AnswerGrammar.state``'s shape, for the decoding loop: no digit choices are scored here."""
