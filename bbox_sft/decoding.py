@@ -67,6 +67,7 @@ class Prediction:
     spread: float | None = None
     confidence: float | None = None
     objects: list[LabelledBox] | None = None
+    object_scores: list[float] | None = None  # per object, under the list grammar (ListGrammar.object_scores)
 
 
 def _segments(answer_format: str) -> list[str]:
@@ -465,7 +466,10 @@ def generate_answers(
                 box, letterbox = parse(raw), fitted[i][1]
                 if isinstance(box, list):  # a list task: every box back in the original frame
                     objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
-                    results[i] = Prediction(None, raw, objects=objects)
+                    scores = choices[row] if lists and grammar is not None else None  # per object, see _generate
+                    if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
+                        scores = (scores + [1.0] * len(objects))[: len(objects)]
+                    results[i] = Prediction(None, raw, objects=objects, object_scores=scores)
                     continue
                 if box is not None and letterbox is not None:
                     box = letterbox.to_original(box)
@@ -492,6 +496,9 @@ def _generate(model: PreTrainedModel, batch, grammar: AnswerGrammar | None, eos:
         written.append(ids)
         if grammar is None:
             choices.append([])
+            continue
+        if hasattr(grammar, "object_scores"):  # the list grammar: one score per object instead of digit choices
+            choices.append(grammar.object_scores(ids, [out.logits[t][row] for t in range(len(ids))]))
             continue
         mine = [_choice(grammar, grammar.state(ids[:t]), out.logits[t][row]) for t in range(len(ids))]
         choices.append([c for c in mine if c is not None])

@@ -272,6 +272,7 @@ def evaluate_lists(args: EvalArguments, dataset: datasets.DatasetDict, split: da
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     truths, found, base, guessed, grid, skipped = [], [], [], [], [], []
+    found_scores, base_scores = [], []
     window = 4 * args.batch_size
     with open(out / "predictions.jsonl", "w") as f, tqdm(total=len(split), desc="Evaluating", unit="record") as bar:
         for start in range(0, len(split), window):
@@ -281,21 +282,24 @@ def evaluate_lists(args: EvalArguments, dataset: datasets.DatasetDict, split: da
             for i, (record, p) in enumerate(zip(records, mine)):
                 truth = record_objects(record)
                 line = {"image_id": record["image_id"], "query": record["query"], "truth": _listed(truth),
-                        "objects": _listed(p.objects), "raw": p.raw}
+                        "objects": _listed(p.objects, p.object_scores), "raw": p.raw}
                 if theirs:
-                    line["base_objects"], line["base_raw"] = _listed(theirs[i].objects), theirs[i].raw
+                    line["base_objects"] = _listed(theirs[i].objects, theirs[i].object_scores)
+                    line["base_raw"] = theirs[i].raw
                 f.write(json.dumps(line) + "\n")
                 if len(grid) < args.grid_images:
                     grid.append((record["image"], truth, p.objects or [], record["query"] or None))
                 truths.append(truth)
                 found.append(p.objects)
+                found_scores.append(p.object_scores)
                 base += [theirs[i].objects] if theirs else []
+                base_scores += [theirs[i].object_scores] if theirs else []
                 guessed.append(prior(record))
             f.flush()
             bar.update(len(records) + len(bad))
-    rows = {"adapter": detection_metrics(found, truths)}
+    rows = {"adapter": detection_metrics(found, truths, found_scores)}
     if has_base:
-        rows["base (no adapter)"] = detection_metrics(base, truths)
+        rows["base (no adapter)"] = detection_metrics(base, truths, base_scores)
     rows["prior"] = detection_metrics(guessed, truths)
     report = {"adapter": args.adapter, "dataset": args.dataset, "split": args.split, "task": split[0]["task"],
               "evaluated": len(truths), "skipped": skipped, "rows": rows, "prior": prior_source,
@@ -323,5 +327,10 @@ def _ask(predictor: BoxPredictor, records: list[dict[str, Any]], adapter: bool =
     return results  # type: ignore[return-value]
 
 
-def _listed(objects: list[LabelledBox] | None) -> list[dict[str, Any]] | None:
-    return None if objects is None else [{"label": o.label, "box": list(o.box)} for o in objects]
+def _listed(objects: list[LabelledBox] | None, scores: list[float] | None = None) -> list[dict[str, Any]] | None:
+    if objects is None:
+        return None
+    listed = [{"label": o.label, "box": list(o.box)} for o in objects]
+    for item, score in zip(listed, scores or []):
+        item["score"] = rounded(score)
+    return listed

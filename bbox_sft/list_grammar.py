@@ -19,6 +19,7 @@ items only the closing connector is allowed, so every answer ends and parses.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -57,6 +58,7 @@ class _State:
     items: int  # items completed
     last_x_min: int  # the previous item's x_min (answers are ordered by x_min)
     ended: bool = False
+    closing: bool = False  # inside the connector after an item's last number
 
 
 class ListGrammar:
@@ -126,7 +128,7 @@ class ListGrammar:
             return _State(self.inner[len(values) - 1], len(values), "", values, state.items, state.last_x_min)
         items = state.items + 1
         node = self.after_end if items >= self.max_objects else self.after
-        return _State(node, 0, "", (), items, values[0])
+        return _State(node, 0, "", (), items, values[0], closing=True)
 
     def _options(self, state: _State) -> tuple[list[int], bool]:
         """(digit tokens allowed next, whether the number may end here) inside a number."""
@@ -142,7 +144,8 @@ class ListGrammar:
                 return None
             if child.then is not None:
                 return self._after_connector(state, child)
-            return _State(child, state.number, "", state.values, state.items, state.last_x_min)
+            return _State(child, state.number, "", state.values, state.items, state.last_x_min,
+                          closing=state.closing)
         digits, may_end = self._options(state)
         if token in digits:
             chars = state.chars + self.numbers.char_of[token]
@@ -180,6 +183,30 @@ class ListGrammar:
             return digits
         following = self._after_number(state).node  # the connector after the number (qwen: 1-4 digits)
         return digits + [t for t in following.children if t not in digits]
+
+    def object_scores(self, generated: Sequence[int], logits: Sequence) -> list[float]:
+        """Per written object, the geometric mean probability of the decisions that wrote it.
+
+        A decision is a step where the grammar allowed more than one token: whether there is another
+        object, its label, its digits. Each is scored by the model's probability of the chosen token
+        among the allowed ones (``logits[t]`` are the scores of step ``t``).
+        """
+        logs: dict[int, list[float]] = {}
+        for t, token in enumerate(generated):
+            state = self.state_of(generated[:t])
+            if state is None or state.ended or t >= len(logits):
+                break
+            options = self.allowed(generated[:t])
+            if len(options) < 2 or token not in options:
+                continue
+            # the connector after an item's numbers (qwen: its label) still belongs to that item
+            item = state.items - 1 if state.closing and self.answer_format == "qwen" else state.items
+            chosen = logits[t].float()[options].log_softmax(-1)[options.index(token)]
+            logs.setdefault(item, []).append(float(chosen))
+        answer = list(generated[:-1] if generated and generated[-1] == self.eos else generated)
+        written = self.state_of(answer)
+        count = written.items if written is not None else max(logs, default=-1) + 1  # the "no more" choice: left out
+        return [float(math.exp(sum(logs[k]) / len(logs[k]))) if logs.get(k) else 1.0 for k in range(count)]
 
     def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
         """``AnswerGrammar.state``'s shape, for the decoding loop: no digit choices are scored here."""

@@ -111,9 +111,11 @@ class ImageResult:
             line = {"image": self.path, "width": self.width, "height": self.height}
             if self.query is not None:
                 line["query"] = self.query
+            scores = self.prediction.object_scores or [None] * len(objects or [])
             line["objects"] = None if objects is None else [
                 {"label": o.label, "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), o.box)),
-                 "box_px": list(o.box.to_pixels(self.width, self.height))} for o in objects]
+                 "box_px": list(o.box.to_pixels(self.width, self.height)), "score": rounded(score)}
+                for o, score in zip(objects, scores)]
             line["qwen"] = None if objects is None else format_objects(objects, "qwen")  # sv.Detections.from_vlm
             line["raw"] = self.prediction.raw
             return line
@@ -273,12 +275,12 @@ class CocoResults:
         if image_id is None:
             self.unknown["images not in the annotation file"] += 1
             return
-        for obj in result.prediction.objects or []:
+        scores = result.prediction.object_scores or [1.0] * len(result.prediction.objects or [])
+        for obj, score in zip(result.prediction.objects or [], scores):
             if obj.label not in self.category_ids:
                 self.unknown[f"boxes labelled {obj.label!r} (no such category)"] += 1
                 continue
             x0, y0, x1, y1 = (obj.box[0] * result.width, obj.box[1] * result.height,
                               obj.box[2] * result.width, obj.box[3] * result.height)
-            score = 1.0 if result.prediction.confidence is None else result.prediction.confidence
             self.results.append({"image_id": image_id, "category_id": self.category_ids[obj.label],
                                  "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)], "score": score})

@@ -105,8 +105,8 @@ class BoxSFTTrainer(SFTTrainer):
         if is_list_task(dataset):
             shown = dataset.select(range(n))
             truth = [record_objects(r) for r in shown]
-            found = [p.objects for p in predictions]
-            metrics = {f"{prefix}_{k}": v for k, v in detection_metrics(found, truth).items()}
+            found, scores = [p.objects for p in predictions], [p.object_scores for p in predictions]
+            metrics = {f"{prefix}_{k}": v for k, v in detection_metrics(found, truth, scores).items()}
             if self.accelerator.is_main_process:
                 self._write_grid(dataset, predictions, metrics, prefix)
             return metrics
@@ -180,6 +180,8 @@ class BoxSFTTrainer(SFTTrainer):
             save_box_grid([(r["image"], r["box"], p.box, None) for r, p in zip(shown, predictions)], folder / name)
         record = {"step": step, "split": prefix, **metrics,
                   "answers": [p.raw for p in predictions[: self.grid_images]]}
+        if is_list_task(dataset):  # what mAP ranked the boxes by
+            record["object_scores"] = [p.object_scores for p in predictions[: self.grid_images]]
         with open(folder / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -257,7 +257,7 @@ def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrot
     [record] = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
     truth = [record_objects(r) for r in data["validation"]]
     assert len(record["answers"]) == len(truth) > 0
-    expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth)
+    expected = detection_metrics([parse_objects(a) for a in record["answers"]], truth, record["object_scores"])
     assert expected["parse_rate"] == 1.0, "120 steps teach the tiny model the list format"
     assert {k: logged[f"eval_{k}"] for k in expected} == pytest.approx(expected)
     saved = json.loads((out / "bbox_sft_args.json").read_text())
@@ -320,7 +320,9 @@ def test_eval_on_objects_scores_adapter_base_and_prior_rows(objects_run, tmp_pat
     truth = [record_objects(r) for r in data["validation"]]
     assert [line["image_id"] for line in lines] == data["validation"]["image_id"]
     answers = [parse_objects(x["raw"]) for x in lines]
-    assert report["rows"]["adapter"] == pytest.approx(detection_metrics(answers, truth))
+    scores = [[o["score"] for o in x["objects"]] for x in lines]
+    assert all(0 < s <= 1 for row in scores for s in row)
+    assert report["rows"]["adapter"] == pytest.approx(detection_metrics(answers, truth, scores))
     assert "mean count per image" in report["prior"]
     assert (tmp_path / "eval" / "grid.png").is_file() and "f1@0.5" in (tmp_path / "eval" / "report.md").read_text()
 
@@ -437,3 +439,30 @@ def test_saliency_masks_give_objects_records_one_per_large_component(tmp_path) -
     assert "Object boxes from saliency masks" in (tmp_path / "out" / "README.md").read_text()
     with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
         prepare_dataset(PrepareArguments(data_dir=str(tmp_path / "set"), output_dir=str(tmp_path / "p"), task="phrase"))
+
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers, answer_format) -> None:
+    import torch
+
+    from bbox_sft.list_grammar import ListGrammar
+
+    grammar = ListGrammar(tokenizers["tiny"], LABELS, answer_format)
+    items = [LabelledBox("cat", Box(0.1, 0.2, 0.3, 0.4)), LabelledBox("dog", Box(0.5, 0.1, 0.9, 0.6))]
+    ids = grammar.compose(items) + [grammar.eos]
+    vocab = len(tokenizers["tiny"])
+    # the first object's label is decided before its numbers in json, after them in qwen
+    first_label = (0,) if answer_format == "json" else (0, 1)
+    sure, torn = [], []
+    for t, token in enumerate(ids):
+        logits = torch.zeros(vocab)
+        logits[token] = 20.0  # the model is sure of every token it wrote ...
+        sure.append(logits)
+        state = grammar.state_of(ids[:t])
+        if state.node is not None and len(grammar.allowed(ids[:t])) > 1 and state.items in first_label:
+            logits = torch.zeros(vocab)  # ... or torn over the connector decisions of the first object
+        torn.append(logits)
+    assert grammar.object_scores(ids, sure) == pytest.approx([1.0, 1.0], abs=1e-6)
+    first, second = grammar.object_scores(ids, torn)
+    assert first < 0.97 and second > 0.99  # a geometric mean: the sure digits of the first object count too
