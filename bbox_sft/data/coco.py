@@ -53,7 +53,8 @@ class CocoAnnotations:
     examples: dict[str, str] = field(default_factory=dict)  # one annotation per reason, to show the user
 
 
-def _load(path: Path) -> dict[str, Any]:
+def load_coco_json(path: Path) -> dict[str, Any]:
+    """A COCO instances file, checked for its three lists (:class:`CocoFormatError` naming the file if not)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
@@ -79,12 +80,12 @@ def _box(bbox: Any, width: int, height: int) -> tuple[Box | None, str | None]:
     return Box(x0 / width, y0 / height, x1 / width, y1 / height), "clipped_to_image" if clipped else None
 
 
-def read_coco(annotation_file: str | Path, image_dir: str | Path, sizes: dict[str, tuple[int, int]] | None = None
-              ) -> CocoAnnotations:
-    """Read and check a COCO instances file; ``sizes`` (file name -> upright width, height) overrides
-    the sizes the JSON states, as measured from the files by the image checks."""
+def read_coco(annotation_file: str | Path, image_dir: str | Path, sizes: dict[str, tuple[int, int]] | None = None,
+              data: dict[str, Any] | None = None) -> CocoAnnotations:
+    """Read and check a COCO instances file (or its already ``data``); ``sizes`` (file name -> upright width,
+    height) overrides the sizes the JSON states, as measured from the files by the image checks."""
     path, image_dir = Path(annotation_file), Path(image_dir)
-    data = _load(path)
+    data = data if data is not None else load_coco_json(path)
     names = {c.get("id"): str(c.get("name")) for c in data["categories"] if isinstance(c, dict)}
     entries: dict[Any, dict[str, Any]] = {}
     for entry in data["images"]:

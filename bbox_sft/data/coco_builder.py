@@ -18,7 +18,6 @@ counted by reason in :attr:`CocoBoxes.report`. Splits are drawn by image (hash-s
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from ..objects import MAX_OBJECTS, OBJECTS_INSTRUCTION, LabelledBox, format_obje
 from ..task import ANSWER_FORMATS, completion_messages, prompt_messages
 from .builder import _MESSAGES
 from .checks import check_image, image_bytes
-from .coco import CocoImage, read_coco
+from .coco import CocoImage, load_coco_json, read_coco
 from .splits import SPLITS, assign_splits, hash_unit
 
 logger = logging.getLogger(__name__)
@@ -56,31 +55,34 @@ OBJECT_FEATURES = datasets.Features(
 ANNOTATION_NAMES = ("annotations.json", "_annotations.coco.json")
 
 
-def has_coco(data_dir: str | Path) -> bool:
-    """Whether ``data_dir`` holds a COCO annotation file (else, for objects, its saliency masks are read)."""
-    try:
-        find_coco(data_dir)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def find_coco(data_dir: str | Path) -> tuple[Path, Path]:
-    """The annotation file and the image folder under ``data_dir`` (see the module docstring)."""
+def find_annotation_file(data_dir: str | Path) -> Path:
+    """The COCO annotation file under ``data_dir`` (see the module docstring); the file is not read here."""
     root = Path(data_dir)
     candidates = [root / name for name in ANNOTATION_NAMES] + sorted((root / "annotations").glob("instances_*.json"))
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise FileNotFoundError(f"{root}: no COCO annotation file ({', '.join(ANNOTATION_NAMES)} or "
                                 "annotations/instances_*.json)")
-    stem = found.stem.removeprefix("instances_")
-    folders = [found.parent / "images", found.parent, root / "images", root / stem, root]
-    first = next((i.get("file_name") for i in json.loads(found.read_text()).get("images", [])
+    return found
+
+
+def has_coco(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a COCO annotation file (else, for objects, its saliency masks are read)."""
+    try:
+        find_annotation_file(data_dir)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def image_folder(data_dir: str | Path, annotation_file: Path, data: dict[str, Any]) -> Path:
+    """Where the images of ``data`` (a loaded annotation file) lie: the first folder holding its first image."""
+    root = Path(data_dir)
+    stem = annotation_file.stem.removeprefix("instances_")
+    folders = [annotation_file.parent / "images", annotation_file.parent, root / "images", root / stem, root]
+    first = next((i["file_name"] for i in data["images"]
                   if isinstance(i, dict) and isinstance(i.get("file_name"), str)), None)
-    for folder in folders:
-        if first is None or (folder / first).exists():
-            return found, folder
-    return found, folders[0]  # the image checks name every missing file
+    return next((f for f in folders if first is None or (f / first).exists()), folders[0])  # checks name the missing
 
 
 @dataclass
@@ -119,21 +121,25 @@ class CocoBoxes(datasets.GeneratorBasedBuilder):
         config: CocoBoxesConfig = self.config
         if not config.data_dir:
             raise ValueError("CocoBoxes needs data_dir: a folder with a COCO annotation file and its images")
-        annotation_file, image_dir = find_coco(config.data_dir)
-        listed = read_coco(annotation_file, image_dir)
-        checks = self._check_all([image.path for image in listed.images], config.num_proc)
-        sizes = {Path(image.path).name: (check.width, check.height)
-                 for image, check in zip(listed.images, checks) if check.skip is None}
-        coco = read_coco(annotation_file, image_dir, sizes=sizes)  # boxes normalised by the measured sizes
+        annotation_file = find_annotation_file(config.data_dir)
+        data = load_coco_json(annotation_file)  # read once: official files run to hundreds of MB
+        image_dir = image_folder(config.data_dir, annotation_file, data)
+        names = [i["file_name"] for i in data["images"] if isinstance(i, dict) and isinstance(i.get("file_name"), str)]
+        checks = self._check_all([str(image_dir / name) for name in names], config.num_proc)
+        sizes = {Path(name).name: (check.width, check.height) for name, check in zip(names, checks)
+                 if check.skip is None}
+        coco = read_coco(annotation_file, image_dir, sizes=sizes, data=data)  # boxes by the measured sizes
+        checked = {str(image_dir / name): check for name, check in zip(names, checks)}
+        pairs = [(image, checked[image.path]) for image in coco.images]
         skipped_files = [{"image": image.path, "reason": check.skip, "detail": check.detail}
-                         for image, check in zip(coco.images, checks) if check.skip]
+                         for image, check in pairs if check.skip]
         for image in coco.images:
             if Path(image.path).name in sizes and len(image.objects) > config.max_objects:
                 skipped_files.append({"image": image.path, "reason": "too_many_objects",
                                       "detail": f"{len(image.objects)} objects, more than max_objects "
                                                 f"{config.max_objects}"})
         bad = {f["image"] for f in skipped_files}
-        good = {image.image_id: (image, check) for image, check in zip(coco.images, checks) if image.path not in bad}
+        good = {image.image_id: (image, check) for image, check in pairs if image.path not in bad}
         split_sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
         split_ids = assign_splits(list(good), split_sizes, seed=config.seed)
         plans = {split: [plan for i in split_ids[split] for plan in self._plans(*good[i], coco.categories, config)]
