@@ -158,9 +158,10 @@ class BoxPredictor:
         """Load an adapter folder or Hub repo id (with its base model, processor and calibration)."""
         adapter_dir = resolve_adapter(adapter)
         model, processor = load_for_inference(adapter_dir, base)
-        kwargs.setdefault("answer_format", trained_answer_format(adapter_dir))
-        kwargs.setdefault("task", trained_task(adapter_dir))
-        kwargs.setdefault("labels", trained_labels(adapter_dir))
+        saved = trained_args(adapter_dir)  # read once
+        kwargs.setdefault("answer_format", saved.get("answer_format", "json"))
+        kwargs.setdefault("task", saved.get("task", "subject"))
+        kwargs.setdefault("labels", saved.get("labels"))
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
@@ -227,26 +228,20 @@ class BoxPredictor:
             yield from results  # type: ignore[misc]
 
 
+def trained_args(adapter_dir: str | Path) -> dict:
+    """The arguments a run saved beside its model (``bbox_sft_args.json``); empty if there are none."""
+    path = Path(adapter_dir) / "bbox_sft_args.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def trained_answer_format(adapter_dir: str | Path) -> str:
-    """The answer format a run trained with (saved with its arguments), json if unknown."""
-    args = Path(adapter_dir) / "bbox_sft_args.json"
-    if args.is_file():
-        return json.loads(args.read_text()).get("answer_format", "json")
-    return "json"
+    """The answer format a run trained with, json if unknown."""
+    return trained_args(adapter_dir).get("answer_format", "json")
 
 
 def trained_labels(adapter_dir: str | Path) -> list[str] | None:
-    """The labels of a list-task run's data (saved with its arguments); None for subject runs or if unknown."""
-    args = Path(adapter_dir) / "bbox_sft_args.json"
-    return json.loads(args.read_text()).get("labels") if args.is_file() else None
-
-
-def trained_task(adapter_dir: str | Path) -> str:
-    """The task a run trained on (subject, objects or phrase; saved with its arguments), subject if unknown."""
-    args = Path(adapter_dir) / "bbox_sft_args.json"
-    if args.is_file():
-        return json.loads(args.read_text()).get("task", "subject")
-    return "subject"
+    """The labels of a list-task run's data; None for subject runs or if unknown."""
+    return trained_args(adapter_dir).get("labels")
 
 
 def image_files(folder: str | Path) -> Iterator[Path]:

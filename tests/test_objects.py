@@ -466,3 +466,19 @@ def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers
     assert grammar.object_scores(ids, sure) == pytest.approx([1.0, 1.0], abs=1e-6)
     first, second = grammar.object_scores(ids, torn)
     assert first < 0.97 and second > 0.99  # a geometric mean: the sure digits of the first object count too
+
+
+def test_a_list_dataset_built_in_json_is_rewritten_for_a_qwen_recipe(tmp_path) -> None:
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.data.synthetic import write_synthetic_coco
+    from bbox_sft.train import with_answer_format
+
+    root = write_synthetic_coco(tmp_path / "coco", n=10, seed=6)
+    data = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp_path / "objects"), task="objects",
+                                            train_size=8, val_size=1, test_size=1))
+    rewritten = with_answer_format(data, "qwen")
+    for record in rewritten["train"]:
+        text = record["completion"][0]["content"][0]["text"]
+        assert text == format_objects(record_objects(record), "qwen") and ("bbox_2d" in text or text == "[]")
+    assert with_answer_format(data, "json") is data, "nothing to rewrite"
