@@ -266,8 +266,11 @@ def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float
     variance = [0.0] * 4
     for c in choices:
         place = 10 ** (len(numbers[c.number]) - 1 - c.position) / scale
-        mean = sum(p * d for p, d in zip(c.probs, c.digits))
-        variance[c.number] += place**2 * max(0.0, sum(p * d * d for p, d in zip(c.probs, c.digits)) - mean**2)
+        # a qwen number's first digit is chosen before its length is known: an option that would pass the
+        # grid's end at this length stands for the end (so a coordinate's spread stays within [0, 0.5])
+        values = [min(d * place, 1.0) for d in c.digits]
+        mean = sum(p * v for p, v in zip(c.probs, values)) / sum(c.probs)
+        variance[c.number] += sum(p * (v - mean) ** 2 for p, v in zip(c.probs, values)) / sum(c.probs)
     return sum(v**0.5 for v in variance) / 4
 
 

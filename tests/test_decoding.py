@@ -67,7 +67,8 @@ def test_fast_forward_writes_what_step_by_step_and_generate_write(answer_format,
     assert [p.raw for p in fast] == [p.raw for p in slow] == [p.raw for p in reference]
     assert [p.box for p in fast] == [p.box for p in reference]
     for a, b, c in zip(fast, slow, reference):
-        assert a.spread == pytest.approx(b.spread, abs=1e-5) and a.spread == pytest.approx(c.spread, abs=1e-5)
+        assert a.spread == pytest.approx(b.spread, abs=1e-5) and a.spread == pytest.approx(c.spread, abs=1e-5), (
+            a.raw, a.spread, b.spread, c.spread)
     batches = 2
     if answer_format == "json":  # one prefill + one pass per choice step: at most 13 per batch
         assert fast_count.calls <= 13 * batches, fast_count.calls
