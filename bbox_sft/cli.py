@@ -36,6 +36,11 @@ class SynthArguments:
     task: str = field(default="subject", metadata={
         "help": "subject: images + masks (DUTS layout); objects: images with several named shapes + a COCO "
                 "instances file (images/ + annotations.json)"})
+    min_objects: int = field(default=0, metadata={"help": "objects: fewest shapes per image (0: some have none)."})
+    max_objects: int = field(default=4, metadata={"help": "objects: most shapes per image."})
+    min_size: float = field(default=0.08, metadata={"help": "objects: smallest half-size of a shape, as a fraction "
+                                                            "of the image side."})
+    max_size: float = field(default=0.22, metadata={"help": "objects: largest half-size of a shape."})
 
 
 def _synth(argv: list[str]) -> int:
@@ -43,7 +48,9 @@ def _synth(argv: list[str]) -> int:
 
     (args,) = HfArgumentParser(SynthArguments).parse_args_into_dataclasses(args=argv)
     if args.task == "objects":
-        root = write_synthetic_coco(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)
+        root = write_synthetic_coco(args.output_dir, n=args.n, seed=args.seed, domain=args.domain,
+                                    max_objects=args.max_objects, min_objects=args.min_objects,
+                                    scale=(args.min_size, args.max_size))
         logger.info("wrote %d images and %s", args.n, root / "annotations.json")
     elif args.task == "subject":
         root = write_synthetic_set(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)

@@ -8,10 +8,15 @@
    with the generation-based IoU validation on;
 4. ``bbox-sft eval`` on the held-out domain-B test split (adapter / base / center prior) and
    ``bbox-sft predict`` on new domain-B images;
-5. ``outputs/demo/report.md`` (+ ``.json``): the three rows, the validation curve, a grid of test
+5. ``outputs/demo/report.md`` (+ ``.json``): the rows, the validation curve, a grid of test
    predictions and the wall time of each stage.
 
-    python -m bbox_sft.demo [--profile fast]
+The ``objects`` profiles run the same stages for the objects task (every shape in the image, as a
+labelled list): synthetic COCO sets (``bbox-sft synth --task objects``) for both domains, a base fully
+fine-tuned on domain A's lists, LoRA for domain B's, rows adapter / base / prior on F1@0.5 and mAP,
+under ``outputs/demo_objects``.
+
+    python -m bbox_sft.demo [--profile fast|objects|objects_fast]
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .detection import DETECTION_METRIC_NAMES
 from .evaluation import confidence_sentence, markdown_table
+from .metrics import METRIC_NAMES
 from .visualize import save_training_curves
 
 logger = logging.getLogger("bbox_sft.demo")
@@ -47,13 +54,25 @@ class Profile:
     hidden_size: int
     layers: int
     eval_steps: int
+    task: str = "subject"
+
+    @property
+    def metric(self) -> str:
+        """The validation metric the adapter is picked by, and the curve shows."""
+        return "eval_mean_iou" if self.task == "subject" else "eval_f1@0.5"
 
 
+# objects: 1-3 shapes per image (each category its own hue), half-sizes 14-30 % of the image side
+OBJECT_SHAPES = ["--min_objects", "1", "--max_objects", "3", "--min_size", "0.14", "--max_size", "0.3"]
 PROFILES = {
     "full": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
                     hidden_size=256, layers=4, eval_steps=100),
     "fast": Profile(images_a=800, images_b=300, train_b=220, test_b=40, base_steps=260, lora_steps=100,
                     hidden_size=256, layers=4, eval_steps=50),
+    "objects": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
+                       hidden_size=256, layers=4, eval_steps=100, task="objects"),
+    "objects_fast": Profile(images_a=500, images_b=220, train_b=160, test_b=24, base_steps=200, lora_steps=60,
+                            hidden_size=256, layers=4, eval_steps=30, task="objects"),
 }
 
 
@@ -76,12 +95,19 @@ class Stages:
         self.seconds[stage] = round(time.perf_counter() - start, 1)
 
 
-def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_dir: str = "data/demo") -> dict:
+def default_dirs(profile_name: str) -> tuple[str, str]:
+    """(outputs, data) of a profile: the objects profiles keep theirs apart from the subject demo's."""
+    suffix = "" if PROFILES[profile_name].task == "subject" else f"_{PROFILES[profile_name].task}"
+    return f"outputs/demo{suffix}", f"data/demo{suffix}"
+
+
+def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir: str | None = None) -> dict:
     profile = PROFILES[profile_name]
-    out, data = Path(output_dir), Path(data_dir)
+    out, data = (Path(d or default) for d, default in zip((output_dir, data_dir), default_dirs(profile_name)))
+    subject = profile.task == "subject"
     stages = Stages()
     start = time.perf_counter()
-    synth = [_bin("bbox-sft"), "synth"]
+    synth = [_bin("bbox-sft"), "synth"] + ([] if subject else ["--task", profile.task, *OBJECT_SHAPES])
     stages.run(
         "synthetic data",
         [*synth, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1",
@@ -90,7 +116,7 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
          "--domain", "cluttered"],
         [*synth, "--output_dir", str(data / "heldout_b"), "--n", "8", "--seed", "3", "--domain", "cluttered"],
     )
-    prepare = [_bin("bbox-sft"), "prepare"]
+    prepare = [_bin("bbox-sft"), "prepare"] + ([] if subject else ["--task", profile.task])
     train_a = profile.images_a - 200
     stages.run(
         "datasets",
@@ -101,6 +127,7 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
     )
 
     train = [_bin("accelerate"), "launch", "--num_processes", "1", "bbox_sft/train.py"]
+    task = [] if subject else ["--task", profile.task, "--metric_for_best_model", profile.metric]
     base_dir = out / "base"
     if (base_dir / "config.json").is_file():
         logger.info("== base model: cached in %s (delete it to train again)", base_dir)
@@ -110,7 +137,7 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
             *train, "recipes/demo_base.yaml", "--model_name_or_path", str(out / "tiny-init"),
             "--dataset_name", str(data / "domain_a"), "--data_dir", str(data / "synth_a"),
             "--output_dir", str(base_dir), "--max_steps", str(profile.base_steps),
-            "--tiny_hidden_size", str(profile.hidden_size), "--tiny_layers", str(profile.layers),
+            "--tiny_hidden_size", str(profile.hidden_size), "--tiny_layers", str(profile.layers), *task,
         ])
     lora_dir = out / "lora"
     shutil.rmtree(lora_dir, ignore_errors=True)
@@ -118,28 +145,31 @@ def run_demo(profile_name: str = "full", output_dir: str = "outputs/demo", data_
         *train, "recipes/demo_lora.yaml", "--model_name_or_path", str(base_dir),
         "--dataset_name", str(data / "domain_b"), "--output_dir", str(lora_dir),
         "--max_steps", str(profile.lora_steps), "--eval_steps", str(profile.eval_steps),
-        "--save_steps", str(profile.eval_steps),
+        "--save_steps", str(profile.eval_steps), *task,
     ])
     stages.run("evaluation", [
         _bin("bbox-sft"), "eval", "--adapter", str(lora_dir), "--dataset", str(data / "domain_b"),
         "--split", "test", "--output_dir", str(out / "eval"),
     ])
-    heldout = data / "heldout_b" / "DUTS-TR" / "DUTS-TR-Image"
+    heldout = data / "heldout_b" / ("DUTS-TR/DUTS-TR-Image" if subject else "images")
     with open(out / "predictions.jsonl", "w") as predictions:
         stages.seconds["prediction"] = _predict(lora_dir, heldout, out / "predictions", predictions)
 
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     history = json.loads((lora_dir / "trainer_state.json").read_text())["log_history"]
-    curve = save_training_curves(history, out / "validation_curve.png")
+    curve = save_training_curves(history, out / "validation_curve.png", profile.metric,
+                                 "validation " + profile.metric.removeprefix("eval_").replace("_", " "))
     shutil.copy(out / "eval" / "grid.png", out / "test_predictions.png")
     report = {
         "profile": profile_name,
+        "task": profile.task,
         "sizes": asdict(profile),
         "rows": metrics["rows"],
         "test_images": metrics["evaluated"],
         "confidence": metrics.get("confidence"),
-        "validation": [{k: e[k] for k in ("step", "eval_mean_iou", "eval_loss")} for e in history
-                       if "eval_mean_iou" in e],
+        "prior": metrics.get("prior") or metrics.get("center_prior_source"),
+        "validation": [{k: e[k] for k in ("step", profile.metric, "eval_loss")} for e in history
+                       if profile.metric in e],
         "stage_seconds": stages.seconds,
         "total_seconds": round(time.perf_counter() - start, 1),
         "pictures": {"validation_curve": curve.name, "test_predictions": "test_predictions.png"},
@@ -164,25 +194,30 @@ def _confidence(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
+    subject = report.get("task", "subject") == "subject"
+    metric = "eval_mean_iou" if subject else "eval_f1@0.5"
     times = "\n".join(f"| {stage} | {seconds:.0f} s |" for stage, seconds in report["stage_seconds"].items())
-    curve = "\n".join(f"| {e['step']} | {e['eval_mean_iou']:.3f} | {e['eval_loss']:.3f} |"
-                      for e in report["validation"])
+    curve = "\n".join(f"| {e['step']} | {e[metric]:.3f} | {e['eval_loss']:.3f} |" for e in report["validation"])
+    what = "" if subject else " for the objects task (every shape, as a labelled list)"
+    truth = "truth green, prediction red" if subject else "truth green, prediction red, labelled"
+    prior = "" if subject else (f"\nprior: {report['prior']}. mAP ranks each image's boxes by their per-object "
+                                "scores.\n")
     return f"""# bbox-sft demo ({report['profile']} profile)
 
-LoRA on domain B over a tiny Qwen3-VL base trained on domain A; {report['test_images']} held-out
+LoRA on domain B over a tiny Qwen3-VL base trained on domain A{what}; {report['test_images']} held-out
 domain-B test images.
 
-{markdown_table(report['rows'])}
-{_confidence(report)}
+{markdown_table(report['rows'], METRIC_NAMES if subject else DETECTION_METRIC_NAMES)}
+{prior}{_confidence(report)}
 ## Validation during LoRA training (generation-based)
 
-| step | eval_mean_iou | eval_loss |
+| step | {metric} | eval_loss |
 |---|---|---|
 {curve}
 
 ![validation curve](validation_curve.png)
 
-## Test predictions (truth green, prediction red)
+## Test predictions ({truth})
 
 ![test predictions](test_predictions.png)
 
@@ -198,8 +233,8 @@ domain-B test images.
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the bbox-sft demo end to end on CPU.")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--output_dir", default="outputs/demo")
-    parser.add_argument("--data_dir", default="data/demo")
+    parser.add_argument("--output_dir", default=None, help="default: outputs/demo (objects: outputs/demo_objects)")
+    parser.add_argument("--data_dir", default=None, help="default: data/demo (objects: data/demo_objects)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_demo(args.profile, args.output_dir, args.data_dir)

@@ -24,6 +24,8 @@ from transformers import (
     Qwen3VLVideoProcessor,
 )
 
+from .boxes import Box
+from .objects import OBJECTS_INSTRUCTION, LabelledBox, format_objects, phrase_instruction
 from .task import INSTRUCTION, format_answer
 
 logger = logging.getLogger(__name__)
@@ -84,14 +86,28 @@ def chat_template() -> str:
     return (Path(trl.__file__).parent / "chat_templates" / "qwen3_vl.jinja").read_text()
 
 
+# Labels of the synthetic sets (``bbox-sft synth --task objects``, and "object" for saliency masks).
+CORPUS_LABELS = ("ellipse", "rectangle", "triangle", "star", "object")
+
+
+def _random_box(rng: random.Random) -> tuple[float, float, float, float]:
+    x0, x1 = sorted((rng.random(), rng.random()))
+    y0, y1 = sorted((rng.random(), rng.random()))
+    return x0, y0, x1, y1
+
+
 def _corpus(n: int = 3000, seed: int = 0) -> list[str]:
-    """Text the tiny model will see: the instruction, answers in both formats, chat markup."""
+    """Text the tiny model will see: the instructions, answers in both formats (one box and lists of
+    labelled boxes), chat markup. Without the list tasks' words in it, "label" and "rectangle" would be
+    spelled a few bytes at a time (58 tokens for one object instead of 46)."""
     rng = random.Random(seed)
-    texts = [INSTRUCTION, "user\n", "assistant\n", "system\n", "You are a helpful assistant.", "\n"]
+    texts = [INSTRUCTION, OBJECTS_INSTRUCTION, "user\n", "assistant\n", "system\n", "You are a helpful assistant.",
+             "\n", *(phrase_instruction(label) for label in CORPUS_LABELS)]
     for _ in range(n):
-        x0, x1 = sorted((rng.random(), rng.random()))
-        y0, y1 = sorted((rng.random(), rng.random()))
-        texts.append(format_answer((x0, y0, x1, y1), rng.choice(["json", "qwen"])))
+        answer_format = rng.choice(["json", "qwen"])
+        texts.append(format_answer(_random_box(rng), answer_format))
+        objects = [LabelledBox(rng.choice(CORPUS_LABELS), Box(*_random_box(rng))) for _ in range(rng.randint(0, 3))]
+        texts.append(format_objects(objects, answer_format))
     return texts
 
 

@@ -78,25 +78,27 @@ def save_objects_grid(items: Sequence[tuple[Image.Image, Sequence, Sequence, str
     return path
 
 
-def save_training_curves(log_history: Sequence[dict], path: str | Path) -> Path:
-    """PNG of training loss and validation mean IoU over steps, from a Trainer's ``log_history``."""
+def save_training_curves(log_history: Sequence[dict], path: str | Path, metric: str = "eval_mean_iou",
+                         name: str = "validation mean IoU") -> Path:
+    """PNG of training loss and a validation metric in [0, 1] (``metric``, shown as ``name``) over
+    steps, from a Trainer's ``log_history``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
-    evals = [(e["step"], e["eval_mean_iou"]) for e in log_history if "eval_mean_iou" in e]
+    evals = [(e["step"], e[metric]) for e in log_history if metric in e]
     fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
         loss_axis.plot(*zip(*train), color="tab:blue", label="training loss")
     loss_axis.set_xlabel("step")
     loss_axis.set_ylabel("training loss", color="tab:blue")
-    iou_axis = loss_axis.twinx()
+    metric_axis = loss_axis.twinx()
     if evals:
-        iou_axis.plot(*zip(*evals), color="tab:red", marker="o", label="validation mean IoU")
-    iou_axis.set_ylabel("validation mean IoU", color="tab:red")
-    iou_axis.set_ylim(0, 1)
+        metric_axis.plot(*zip(*evals), color="tab:red", marker="o", label=name)
+    metric_axis.set_ylabel(name, color="tab:red")
+    metric_axis.set_ylim(0, 1)
     fig.suptitle("training loss and generation-based validation")
     fig.tight_layout()
     path = Path(path)

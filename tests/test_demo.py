@@ -27,3 +27,28 @@ def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(tmp_p
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 8 and all(p["box"] is not None for p in predictions)
     assert "base model: full fine-tuning on domain A" in report["stage_seconds"]
+
+
+def test_objects_fast_demo_runs_every_stage_of_the_objects_task(tmp_path: Path) -> None:
+    """The objects profile in miniature: synthetic COCO sets, base, LoRA, eval rows, labelled predictions."""
+    from bbox_sft.demo import PROFILES
+    from bbox_sft.detection import DETECTION_METRIC_NAMES
+
+    report = run_demo("objects_fast", output_dir=str(tmp_path / "outputs"), data_dir=str(tmp_path / "data"))
+    out, data = tmp_path / "outputs", tmp_path / "data"
+    assert json.loads((data / "domain_b" / "build_report.json").read_text())["task"] == "objects"
+    assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "objects"
+    rows = report["rows"]
+    assert set(rows) == {"adapter", "base (no adapter)", "prior"}
+    assert all(set(DETECTION_METRIC_NAMES) <= set(row) for row in rows.values()), rows
+    assert rows["adapter"]["parse_rate"] == rows["base (no adapter)"]["parse_rate"] == 1.0
+    assert "(the mean count per image) at the mean box" in report["prior"], report["prior"]
+    steps = PROFILES["objects_fast"].lora_steps, PROFILES["objects_fast"].eval_steps
+    assert [e["step"] for e in report["validation"]] == list(range(steps[1], steps[0] + 1, steps[1]))
+    assert "| model | precision@0.5 |" in (out / "report.md").read_text()
+    for name in ("report.md", "report.json", "validation_curve.png", "test_predictions.png", "predictions.jsonl"):
+        assert (out / name).is_file(), name
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and all(isinstance(p["objects"], list) for p in predictions)
+    labels = {o["label"] for p in predictions for o in p["objects"]}
+    assert labels <= {"ellipse", "rectangle", "triangle", "star"}, labels

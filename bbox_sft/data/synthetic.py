@@ -10,7 +10,8 @@ bright low-contrast stripes, checkers or gradients, with more distractors). A mo
 looks for the wrong kind of region in the other.
 
 For the list tasks, :func:`write_synthetic_coco` writes images with several named shapes (ellipse,
-rectangle, triangle, star) and a COCO instances file, the format detection tools export.
+rectangle, triangle, star; each category its own hue, the domain its brightness) and a COCO instances
+file, the format detection tools export.
 """
 
 from __future__ import annotations
@@ -156,21 +157,34 @@ def write_example_images(output_dir: str | Path, n: int = 4, seed: int = 4, doma
 # --- objects: several named shapes per image, as a COCO instances file -------------------------
 
 OBJECT_LABELS = ("ellipse", "rectangle", "triangle", "star")
+# Each category has its own hue, as real categories have their own looks; the domain sets how bright
+# it is (bright on dark for plain, dark and striped on bright for cluttered), as for the subject.
+OBJECT_HUES = {"ellipse": 0, "rectangle": 60, "triangle": 120, "star": 25}  # OpenCV hue, 0..179
 
 
-def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_objects: int = 4
+def _label_colour(rng: np.random.Generator, label: str, domain: Domain) -> np.ndarray:
+    low, high = PALETTES[domain][1]
+    hue = (OBJECT_HUES[label] + int(rng.integers(-6, 7))) % 180
+    # Moderate saturation keeps the shapes bright in luminance too (a saturated blue is about as dark as
+    # the background): with saturated hues the tiny demo model had not begun to read the image in 600 steps.
+    hsv = np.array([[[hue, int(rng.integers(110, 171)), int(rng.integers(max(low, 40), high))]]], np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(float)
+
+
+def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_objects: int = 4,
+                        min_objects: int = 0, scale: tuple[float, float] = (0.08, 0.22)
                         ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
-    """One RGB image with 0..``max_objects`` named shapes that do not touch, and their COCO boxes
-    (``[x, y, w, h]`` in pixels, the tight box of each painted shape)."""
-    _, colours, _ = PALETTES[domain]
+    """One RGB image with ``min_objects``..``max_objects`` named shapes that do not touch (fewer where
+    no free place is found), and their COCO boxes (``[x, y, w, h]`` in pixels, the tight box of each
+    painted shape). ``scale``: the range of each shape's half-size as a fraction of the image side."""
     w, h = int(rng.integers(256, 417)), int(rng.integers(192, 321))
     img = _background(rng, h, w, domain)
     taken = np.zeros((h, w), bool)
     objects = []
-    for _ in range(int(rng.integers(0, max_objects + 1))):
+    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
         for _attempt in range(20):  # a free place for the shape, with a margin around it
-            scale = rng.uniform(0.08, 0.22)
-            rx, ry = int(w * scale * rng.uniform(0.7, 1.0)), int(h * scale * rng.uniform(0.7, 1.0))
+            size = rng.uniform(*scale)
+            rx, ry = int(w * size * rng.uniform(0.7, 1.0)), int(h * size * rng.uniform(0.7, 1.0))
             cx, cy = int(rng.uniform(rx, w - rx)), int(rng.uniform(ry, h - ry))
             label = str(rng.choice(OBJECT_LABELS))
             mask = _shape_mask(rng, h, w, cx, cy, rx, ry, shape=label)
@@ -180,13 +194,14 @@ def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_
         else:
             continue
         taken |= grown
-        _paint(img, mask, rng, _colour(rng, colours), textured=domain == "cluttered")
+        _paint(img, mask, rng, _label_colour(rng, label, domain), textured=domain == "cluttered")
         objects.append((label, tuple(int(v) for v in cv2.boundingRect(mask))))
     return img, objects
 
 
 def write_synthetic_coco(output_dir: str | Path, n: int = 300, seed: int = 0, domain: Domain = "plain",
-                         max_objects: int = 4) -> Path:
+                         max_objects: int = 4, min_objects: int = 0, scale: tuple[float, float] = (0.08, 0.22)
+                         ) -> Path:
     """``n`` images under ``output_dir/images`` and their ``output_dir/annotations.json`` (COCO instances)."""
     root = Path(output_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -195,7 +210,7 @@ def write_synthetic_coco(output_dir: str | Path, n: int = 300, seed: int = 0, do
     ids = {c["name"]: c["id"] for c in categories}
     images, annotations = [], []
     for i in trange(n, desc=f"Writing {domain} object images", unit="img"):
-        img, objects = make_objects_sample(rng, domain, max_objects)
+        img, objects = make_objects_sample(rng, domain, max_objects, min_objects, scale)
         name = f"objects_{seed}_{i:06d}.jpg"
         cv2.imwrite(str(root / "images" / name), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
         images.append({"id": i + 1, "file_name": name, "width": img.shape[1], "height": img.shape[0]})
