@@ -194,8 +194,8 @@ def _confidence(report: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    subject = report.get("task", "subject") == "subject"
-    metric = "eval_mean_iou" if subject else "eval_f1@0.5"
+    profile = PROFILES[report["profile"]]
+    subject, metric = profile.task == "subject", profile.metric
     times = "\n".join(f"| {stage} | {seconds:.0f} s |" for stage, seconds in report["stage_seconds"].items())
     curve = "\n".join(f"| {e['step']} | {e[metric]:.3f} | {e['eval_loss']:.3f} |" for e in report["validation"])
     what = "" if subject else " for the objects task (every shape, as a labelled list)"
