@@ -222,8 +222,11 @@ def confidence_sentence(c: dict[str, Any] | None) -> str:
     if not c:
         return ""
     auroc = f"{c['confidence_auroc']:.3f}" if "confidence_auroc" in c else "n/a (one class only)"
+    chance = (f" (a perfectly calibrated confidence would show {c['confidence_ece_chance']:.3f} on as many images "
+              f"by chance, 90% of the time below {c['confidence_ece_chance_p90']:.3f})"
+              if "confidence_ece_chance" in c else "")
     return (f"Confidence (P(IoU >= 0.5), calibrated on {c['calibrated_on']} validation images): "
-            f"AUROC {auroc}, expected calibration error {c['confidence_ece']:.3f}.")
+            f"AUROC {auroc}, expected calibration error {c['confidence_ece']:.3f}{chance}.")
 
 
 def _confidence_note(report: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForImageTextToText, Qwen3VLForConditionalGeneration
 
 import bbox_sft.decoding as decoding
-from bbox_sft.calibration import Calibration, auroc, expected_calibration_error
+from bbox_sft.calibration import Calibration, auroc, chance_ece, expected_calibration_error
 from bbox_sft.collator import IGNORE_INDEX, BoxSFTCollator, add_lengths
 from bbox_sft.decoding import AnswerGrammar, ForcedTokenDecoder, generate_answers
 from bbox_sft.model import set_pixel_budget
@@ -143,6 +143,21 @@ def test_auroc_is_the_chance_a_hit_outranks_a_miss(pairs) -> None:
 def test_ece_of_known_bins() -> None:
     assert expected_calibration_error([0.25] * 4, [True, False, False, False]) == pytest.approx(0.0)
     assert expected_calibration_error([0.95] * 10, [True] * 5 + [False] * 5) == pytest.approx(0.45)
+
+
+@pytest.mark.parametrize(("n", "p"), [(4, 0.5), (15, 0.75), (40, 0.93)])
+def test_chance_ece_of_one_bin_is_the_binomial_mean_deviation(n: int, p: float) -> None:
+    exact = sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) * abs(k / n - p) for k in range(n + 1))
+    mean, p90 = chance_ece([p] * n, draws=20_000)
+    assert mean == pytest.approx(exact, abs=0.005) and p90 > mean
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=40), st.integers(0, 2**16))
+def test_chance_ece_is_the_ece_of_outcomes_drawn_from_the_confidence(probs, seed) -> None:
+    outcomes = np.random.default_rng(seed).random((50, len(probs))) < np.asarray(probs)
+    each = [expected_calibration_error(probs, list(row)) for row in outcomes]
+    assert chance_ece(probs, draws=50, seed=seed) == pytest.approx((np.mean(each), np.quantile(each, 0.9)))
 
 
 # --- the native grounding baseline's parser ----------------------------------------------------

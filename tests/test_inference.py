@@ -20,6 +20,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 import bbox_sft.metrics
+from bbox_sft.calibration import chance_ece
 from bbox_sft.cli import main as cli
 from bbox_sft.decoding import AnswerGrammar, generate_answers
 from bbox_sft.metrics import box_metrics
@@ -203,7 +204,12 @@ def test_eval_reports_three_rows_and_skips_a_corrupt_record(adapter_dir, box_dat
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == len(rows) - 1
     assert all("native_raw" in p and "base_raw" in p for p in predictions)
-    assert "center prior" in (out / "report.md").read_text()
+    # ECE beside what a perfectly calibrated confidence shows by chance on these very confidences
+    chance = chance_ece([p["confidence"] for p in predictions])
+    measured = report["confidence"]["confidence_ece_chance"], report["confidence"]["confidence_ece_chance_p90"]
+    assert measured == pytest.approx(chance, abs=1e-3)  # predictions.jsonl rounds confidences to 4 places
+    text = (out / "report.md").read_text()
+    assert "center prior" in text and f"would show {measured[0]:.3f} on as many images by chance" in text
     assert Image.open(out / "grid.png").size[0] > 0
 
 
