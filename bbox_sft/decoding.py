@@ -77,7 +77,37 @@ def _segments(answer_format: str) -> list[str]:
     return ['{"' + QWEN_KEY + '": [', ", ", ", ", ", ", "]}"]
 
 
-class AnswerGrammar:
+class TokenGrammar:
+    """An answer format as a token automaton: which tokens may follow the answer so far, up to ``eos``.
+
+    Subclasses give :meth:`allowed` and :meth:`state`; :meth:`forced` (the run the automaton leaves no
+    choice in) follows from them, and is all :class:`ForcedTokenDecoder` needs to skip decode steps.
+    """
+
+    eos: int
+    scores_decisions = False  # whether answers are scored by their decisions' log-probabilities (lists)
+
+    def allowed(self, generated: Sequence[int]) -> list[int]:
+        """Tokens that may come next after ``generated`` (the answer so far)."""
+        raise NotImplementedError
+
+    def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
+        """(tokens that may come next, index of the number being written or None, its characters so far)."""
+        raise NotImplementedError
+
+    def forced(self, generated: Sequence[int]) -> list[int]:
+        """The tokens the grammar forces after ``generated``, up to the next choice (eos included)."""
+        run: list[int] = []
+        while True:
+            options = self.allowed([*generated, *run])
+            if len(options) != 1:
+                return run
+            run.append(options[0])
+            if options[0] == self.eos:
+                return run
+
+
+class AnswerGrammar(TokenGrammar):
     """The answer format as a token automaton: fixed token runs and four numbers, then ``<|im_end|>``."""
 
     def __init__(self, tokenizer, answer_format: str = "json") -> None:
@@ -209,22 +239,11 @@ class AnswerGrammar:
             return options + ([self.fixed[k][0]] if may_end else []), len(values), chars
         return [self.fixed[k][j]], None, ""
 
-    def forced(self, generated: Sequence[int]) -> list[int]:
-        """The tokens the grammar forces after ``generated``, up to the next choice (eos included)."""
-        run: list[int] = []
-        while True:
-            options = self.allowed([*generated, *run])
-            if len(options) != 1:
-                return run
-            run.append(options[0])
-            if options[0] == self.eos:
-                return run
-
 
 class GrammarLogitsProcessor(LogitsProcessor):
     """Masks every token the grammar does not allow next (rows are left-padded prompts of equal length)."""
 
-    def __init__(self, grammar: AnswerGrammar, prompt_length: int) -> None:
+    def __init__(self, grammar: TokenGrammar, prompt_length: int) -> None:
         self.grammar = grammar
         self.prompt_length = prompt_length
 
@@ -274,7 +293,24 @@ def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float
     return sum(v**0.5 for v in variance) / 4
 
 
-def _choice(grammar: AnswerGrammar, state: tuple[list[int], int | None, str], logits: torch.Tensor) -> Choice | None:
+def decision_logprobs(grammar: TokenGrammar, generated: Sequence[int], logits: Sequence[torch.Tensor]
+                      ) -> dict[int, float]:
+    """{step: log-probability of the token written there among the allowed ones}, at each step of
+    ``generated`` where the grammar allowed more than one token (``logits[t]`` are step ``t``'s scores)."""
+    decisions = {}
+    for t, token in enumerate(generated[: len(logits)]):
+        options = grammar.allowed(generated[:t])
+        if len(options) > 1 and token in options:
+            decisions[t] = _logprob(logits[t], options, token)
+    return decisions
+
+
+def _logprob(logits: torch.Tensor, options: list[int], token: int) -> float:
+    """log P(``token``) under ``logits`` renormalised over the allowed ``options``."""
+    return float(logits.float()[options].log_softmax(-1)[options.index(token)])
+
+
+def _choice(grammar: TokenGrammar, state: tuple[list[int], int | None, str], logits: torch.Tensor) -> Choice | None:
     """The :class:`Choice` at a step in grammar ``state``, or None where it left no choice between digits."""
     options, number, chars = state
     if number is None:  # a fixed run, or a grammar that scores no digits (the list grammar)
@@ -297,19 +333,21 @@ class ForcedTokenDecoder:
     """Greedy constrained decoding that feeds every forced token run in one forward pass.
 
     ``model.generate`` spends one sequential decode step per token, yet in an answer most tokens are
-    forced by the grammar (the keys, the punctuation, the decimal point, the first digit of a min).
+    forced by the grammar (the keys, the punctuation, the decimal point, the first digit of a min; in
+    a list, the connectors between numbers and the rest of a label once its first token is chosen).
     Here each forward pass takes, per row, the token just chosen plus the run the grammar forces
     after it, using the KV cache, so a batch costs one prefill plus one pass per choice step: in the
     json format, where all numbers have the same shape, rows stay aligned. Rows whose runs differ in
-    length (the qwen format's 1-4 digit numbers) feed the common length and keep the rest queued, so
-    no row ever needs more passes than token-by-token decoding. ``fast_forward=False`` feeds one
+    length (the qwen format's 1-4 digit numbers, lists of different labels and lengths) feed the common
+    length and keep the rest queued, so no row ever needs more passes than token-by-token decoding.
+    Past ``max_new_tokens`` an answer is cut where ``generate`` cuts it. ``fast_forward=False`` feeds one
     token per pass: the same tokens, decoded the slow way (what tests compare against).
 
     Positions follow ``generate`` exactly: M-RoPE positions from the model's ``get_rope_index`` for
     the prompt, then one position per fed token.
     """
 
-    def __init__(self, model: PreTrainedModel, grammar: AnswerGrammar, pad_token_id: int,
+    def __init__(self, model: PreTrainedModel, grammar: TokenGrammar, pad_token_id: int,
                  fast_forward: bool = True, max_new_tokens: int = 64, synced_gpus: bool = False) -> None:
         self.model, self.grammar, self.pad = model, grammar, pad_token_id
         self.fast_forward, self.max_new_tokens, self.synced_gpus = fast_forward, max_new_tokens, synced_gpus
@@ -325,12 +363,16 @@ class ForcedTokenDecoder:
     def _forward(self, **inputs) -> torch.Tensor:
         return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
 
-    def decode(self, batch: dict[str, torch.Tensor]) -> tuple[list[list[int]], list[list[Choice]]]:
-        """Answer tokens (eos included) and the choices made, per row of a left-padded processor batch."""
+    def decode(self, batch: dict[str, torch.Tensor]
+               ) -> tuple[list[list[int]], list[list[Choice]], list[dict[int, float]]]:
+        """Per row of a left-padded processor batch: the answer's tokens (eos included), the digit choices
+        made, and, for a grammar that scores them, each decision's log-probability by step
+        (:func:`decision_logprobs`)."""
         grammar, rows = self.grammar, batch["input_ids"].shape[0]
         device = batch["input_ids"].device
         written: list[list[int]] = [[] for _ in range(rows)]
         choices: list[list[Choice]] = [[] for _ in range(rows)]
+        decisions: list[dict[int, float]] = [{} for _ in range(rows)]
         pending = [grammar.forced([]) for _ in range(rows)]
         done = [False] * rows
         mask = batch["attention_mask"]
@@ -391,6 +433,8 @@ class ForcedTokenDecoder:
                     done[r] = True
                     continue
                 token = options[int(logits[r, options].argmax())]
+                if grammar.scores_decisions and len(options) > 1:
+                    decisions[r][len(written[r])] = _logprob(logits[r], options, token)
                 choice = _choice(grammar, state, logits[r])
                 if choice is not None:
                     choices[r].append(choice)
@@ -398,7 +442,9 @@ class ForcedTokenDecoder:
                 if pending[r][-1] == grammar.eos:  # the rest is forced to the end: no pass needed for it
                     written[r] += pending[r]
                     pending[r], done[r] = [], True
-        return written, choices
+        # generate writes max_new_tokens tokens at most: the last pass's choice and forced run included
+        written = [(w + p)[: self.max_new_tokens] for w, p in zip(written, pending)]
+        return written, choices, [{t: v for t, v in d.items() if t < len(w)} for d, w in zip(decisions, written)]
 
 
 @torch.no_grad()
@@ -428,7 +474,7 @@ def generate_answers(
     (one, or one per image) and ``parse`` ask another question: the native grounding baseline
     (unconstrained), or the list tasks, whose ``parse`` returns labelled boxes; with ``labels`` (the
     labels a list may hold) and ``constrained``, lists are written under
-    :class:`~bbox_sft.list_grammar.ListGrammar` through ``generate``.
+    :class:`~bbox_sft.list_grammar.ListGrammar`, fast-forwarded the same way.
     """
     from .list_grammar import ListGrammar
 
@@ -437,7 +483,7 @@ def generate_answers(
     grammar = (ListGrammar(tokenizer, labels, answer_format) if lists else AnswerGrammar(tokenizer, answer_format)
                ) if constrained else None
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    use_decoder = grammar is not None and not lists and ForcedTokenDecoder.supports(model)
+    use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
     asked = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
     if len(asked) != len(images):
         raise ValueError(f"{len(asked)} instructions for {len(images)} images")
@@ -460,16 +506,16 @@ def generate_answers(
             if use_decoder:
                 decoder = ForcedTokenDecoder(model, grammar, tokenizer.pad_token_id, fast_forward=fast_forward,
                                              max_new_tokens=max_new_tokens, synced_gpus=bool(synced_gpus))
-                written, choices = decoder.decode(batch)
+                written, choices, decisions = decoder.decode(batch)
             else:
-                written, choices = _generate(model, batch, grammar, eos, tokenizer.pad_token_id, max_new_tokens,
-                                             synced_gpus)
+                written, choices, decisions = _generate(model, batch, grammar, eos, tokenizer.pad_token_id,
+                                                        max_new_tokens, synced_gpus)
             for row, i in enumerate(index):
                 raw = tokenizer.decode(written[row], skip_special_tokens=True)
                 box, letterbox = parse(raw), fitted[i][1]
                 if isinstance(box, list):  # a list task: every box back in the original frame
                     objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
-                    scores = choices[row] if lists and grammar is not None else None  # per object, see _generate
+                    scores = grammar.object_scores(written[row], decisions[row]) if lists and grammar else None
                     if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
                         scores = (scores + [1.0] * len(objects))[: len(objects)]
                     results[i] = Prediction(None, raw, objects=objects, object_scores=scores)
@@ -484,8 +530,8 @@ def generate_answers(
     return results  # type: ignore[return-value]
 
 
-def _generate(model: PreTrainedModel, batch, grammar: AnswerGrammar | None, eos: int, pad: int,
-              max_new_tokens: int, synced_gpus: bool | None) -> tuple[list[list[int]], list[list[Choice]]]:
+def _generate(model: PreTrainedModel, batch, grammar: TokenGrammar | None, eos: int, pad: int, max_new_tokens: int,
+              synced_gpus: bool | None) -> tuple[list[list[int]], list[list[Choice]], list[dict[int, float]]]:
     """transformers' ``generate``, one token per step, with the grammar as a logits processor if given."""
     prompt_length = batch["input_ids"].shape[1]
     processors = LogitsProcessorList([GrammarLogitsProcessor(grammar, prompt_length)]) if grammar else None
@@ -493,16 +539,16 @@ def _generate(model: PreTrainedModel, batch, grammar: AnswerGrammar | None, eos:
                          logits_processor=processors, return_dict_in_generate=True, output_logits=True,
                          eos_token_id=eos, pad_token_id=pad, synced_gpus=synced_gpus)
     tokens = out.sequences[:, prompt_length:].tolist()
-    written, choices = [], []
+    written, choices, decisions = [], [], []
     for row, ids in enumerate(tokens):
         ids = ids[: ids.index(eos) + 1] if eos in ids else ids
         written.append(ids)
         if grammar is None:
             choices.append([])
+            decisions.append({})
             continue
-        if hasattr(grammar, "object_scores"):  # the list grammar: one score per object instead of digit choices
-            choices.append(grammar.object_scores(ids, [out.logits[t][row] for t in range(len(ids))]))
-            continue
-        mine = [_choice(grammar, grammar.state(ids[:t]), out.logits[t][row]) for t in range(len(ids))]
+        logits = [out.logits[t][row] for t in range(len(ids))]
+        decisions.append(decision_logprobs(grammar, ids, logits) if grammar.scores_decisions else {})
+        mine = [_choice(grammar, grammar.state(ids[:t]), logits[t]) for t in range(len(ids))]
         choices.append([c for c in mine if c is not None])
-    return written, choices
+    return written, choices, decisions

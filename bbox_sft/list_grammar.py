@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .boxes import Box
-from .decoding import AnswerGrammar
+from .decoding import AnswerGrammar, TokenGrammar
 from .objects import MAX_OBJECTS, LabelledBox, format_objects, ordered
 from .task import DECIMALS, grid_values
 
@@ -61,8 +61,10 @@ class _State:
     closing: bool = False  # inside the connector after an item's last number
 
 
-class ListGrammar:
+class ListGrammar(TokenGrammar):
     """The list answer format as a token automaton over the dataset's ``labels``, then ``<|im_end|>``."""
+
+    scores_decisions = True  # each object's score comes from the decisions that wrote it
 
     def __init__(self, tokenizer, labels: Sequence[str], answer_format: str = "json",
                  max_objects: int = MAX_OBJECTS) -> None:
@@ -184,25 +186,21 @@ class ListGrammar:
         following = self._after_number(state).node  # the connector after the number (qwen: 1-4 digits)
         return digits + [t for t in following.children if t not in digits]
 
-    def object_scores(self, generated: Sequence[int], logits: Sequence) -> list[float]:
+    def object_scores(self, generated: Sequence[int], decisions: Mapping[int, float]) -> list[float]:
         """Per written object, the geometric mean probability of the decisions that wrote it.
 
         A decision is a step where the grammar allowed more than one token: whether there is another
-        object, its label, its digits. Each is scored by the model's probability of the chosen token
-        among the allowed ones (``logits[t]`` are the scores of step ``t``).
+        object, its label, its digits. ``decisions[t]`` is the model's log-probability of the token
+        written at step ``t`` among the allowed ones (:func:`~bbox_sft.decoding.decision_logprobs`).
         """
         logs: dict[int, list[float]] = {}
-        for t, token in enumerate(generated):
+        for t in sorted(decisions):
             state = self.state_of(generated[:t])
-            if state is None or state.ended or t >= len(logits):
+            if state is None or state.ended:
                 break
-            options = self.allowed(generated[:t])
-            if len(options) < 2 or token not in options:
-                continue
             # the connector after an item's numbers (qwen: its label) still belongs to that item
             item = state.items - 1 if state.closing and self.answer_format == "qwen" else state.items
-            chosen = logits[t].float()[options].log_softmax(-1)[options.index(token)]
-            logs.setdefault(item, []).append(float(chosen))
+            logs.setdefault(item, []).append(decisions[t])
         answer = list(generated[:-1] if generated and generated[-1] == self.eos else generated)
         written = self.state_of(answer)
         count = written.items if written is not None else max(logs, default=-1) + 1  # the "no more" choice: left out

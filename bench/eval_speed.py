@@ -7,6 +7,7 @@
 (c) batched + constrained decoding through ``generate`` (one decode step per token);
 (d) batched + constrained with the forced tokens fast-forwarded (one pass per choice step);
 (e), (f): (c) and (d) in the qwen format.
+An objects model (``--model`` trained with ``task: objects``) is asked for its lists, under the list grammar.
 (b)-(f) run at each of ``--batch_sizes``. Prints images/s of each, the ratios (c)/(a) (target >= 5x)
 and, per batch size, (d)/(c) (target >= 2.5x, with identical boxes on every image) and (f)/(e) (never
 slower), where (d)'s time goes (passes per batch, the prefill's share), and whether (a), (b) and (c)
@@ -31,7 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from bbox_sft.decoding import ForcedTokenDecoder, generate_answers  # noqa: E402
-from bbox_sft.predict import load_for_inference, trained_answer_format  # noqa: E402
+from bbox_sft.objects import OBJECTS_INSTRUCTION, parse_objects  # noqa: E402
+from bbox_sft.predict import load_for_inference, trained_answer_format, trained_args, trained_labels  # noqa: E402
 
 supports = ForcedTokenDecoder.supports
 
@@ -61,19 +63,29 @@ def timed_passes() -> tuple[list[tuple[bool, float]], object]:
     return log, original
 
 
-def run(model, processor, images, via_generate: bool = False, **kwargs) -> tuple[list, float]:
-    """Predictions and images/s of one decoding configuration (``via_generate``: the grammar through generate)."""
+def run(model, processor, images, via_generate: bool = False, **kwargs) -> tuple[list, float, int]:
+    """Predictions, images/s and forward passes of one decoding configuration (``via_generate``: the
+    grammar through generate)."""
     ForcedTokenDecoder.supports = classmethod(lambda cls, m: False) if via_generate else supports
+    passes = [0]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's generate calls it alone
+    hook = base.register_forward_pre_hook(lambda module, args: passes.__setitem__(0, passes[0] + 1))
     try:
         start = time.perf_counter()
         results = generate_answers(model, processor, images, progress=False, **kwargs)
-        return results, len(images) / (time.perf_counter() - start)
+        return results, len(images) / (time.perf_counter() - start), passes[0]
     finally:
         ForcedTokenDecoder.supports = supports
+        hook.remove()
+
+
+def answer(prediction):
+    """What a prediction found: its box, or its list of labelled boxes."""
+    return prediction.box if prediction.objects is None else prediction.objects
 
 
 def report(name: str, results: list, speed: float) -> None:
-    parsed = sum(p.box is not None for p in results) / len(results)
+    parsed = sum(answer(p) is not None for p in results) / len(results)
     print(f"{name:>34}: {speed:7.1f} images/s, parse rate {parsed:.2f}")
 
 
@@ -94,35 +106,41 @@ def main() -> None:
         model, processor = load_for_inference(model_dir)
         split = datasets.load_from_disk(args.dataset)["validation"]
         images = list(split.select(range(min(args.images, len(split))))["image"])
-        answer_format = trained_answer_format(model_dir)
+        answer_format, task = trained_answer_format(model_dir), trained_args(model_dir).get("task", "subject")
+        if task not in ("subject", "objects"):
+            parser.error(f"this benchmark asks subject and objects models; {model_dir} is a {task} model")
+        question = {} if task == "subject" else dict(instruction=OBJECTS_INSTRUCTION, parse=parse_objects,
+                                                     labels=trained_labels(model_dir), max_new_tokens=640)
         other = "qwen" if answer_format == "json" else "json"
-        print(f"{len(images)} images, answer format {answer_format}, {torch.get_num_threads()} CPU threads"
-              f"{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
-        a, speed_a = run(model, processor, images, batch_size=1, constrained=False, answer_format=answer_format)
+        print(f"{len(images)} images, task {task}, answer format {answer_format}, {torch.get_num_threads()} CPU "
+              f"threads{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")
+        a, speed_a, _ = run(model, processor, images, batch_size=1, constrained=False, answer_format=answer_format,
+                         **question)
         report("(a) naive per-image", a, speed_a)
         summary = []
         for batch_size in args.batch_sizes:
             print(f"batch size {batch_size}:")
-            constrained = dict(batch_size=batch_size, constrained=True, answer_format=answer_format)
-            b, speed_b = run(model, processor, images, batch_size=batch_size, constrained=False,
-                             answer_format=answer_format)
+            constrained = dict(batch_size=batch_size, constrained=True, answer_format=answer_format, **question)
+            b, speed_b, _ = run(model, processor, images, batch_size=batch_size, constrained=False,
+                             answer_format=answer_format, **question)
             report("(b) batched", b, speed_b)
-            c, speed_c = run(model, processor, images, via_generate=True, **constrained)
+            c, speed_c, passes_c = run(model, processor, images, via_generate=True, **constrained)
             report("(c) batched + constrained", c, speed_c)
             log, original = timed_passes()
             try:
-                d, speed_d = run(model, processor, images, **constrained)
+                d, speed_d, _ = run(model, processor, images, **constrained)
             finally:
                 ForcedTokenDecoder._forward = original
             report("(d) constrained, fast-forward", d, speed_d)
-            e, speed_e = run(model, processor, images, via_generate=True, **{**constrained, "answer_format": other})
+            e, speed_e, _ = run(model, processor, images, via_generate=True, **{**constrained, "answer_format": other})
             report(f"(e) (c) in {other} format", e, speed_e)
-            f, speed_f = run(model, processor, images, **{**constrained, "answer_format": other})
+            f, speed_f, _ = run(model, processor, images, **{**constrained, "answer_format": other})
             report(f"(f) (d) in {other} format", f, speed_f)
             batches = sum(prefill for prefill, _ in log)
             prefill_s = sum(s for prefill, s in log if prefill)
             passes_s = [s for prefill, s in log if not prefill]
-            print(f"{'':>36}(d): {len(log) / batches:.1f} forward passes per batch; the prefill (vision tower "
+            print(f"{'':>36}(d): {len(log) / batches:.1f} forward passes per batch against (c)'s "
+                  f"{passes_c / batches:.1f}; the prefill (vision tower "
                   f"and prompt) {prefill_s / (len(images) / speed_d):.0%} of its time, later passes "
                   f"{1000 * sum(passes_s) / max(1, len(passes_s)):.1f} ms each")
             summary.append((batch_size, speed_d / speed_c, sum(x.raw == y.raw for x, y in zip(c, d)),
@@ -134,11 +152,11 @@ def main() -> None:
               f"{other} format (f) vs (e) {qf:.1f}x ({'not slower' if qf >= 1 else 'SLOWER'}), "
               f"identical on {q_same}/{len(images)}")
     sure = [i for i, p in enumerate(c) if p.spread is not None and p.spread <= args.sure and a[i].box is not None]
+    same = lambda x, y: sum(answer(p) == answer(q) for p, q in zip(x, y))  # noqa: E731
     ratio = speed_c / speed_a
     print(f"(c) at batch size {args.batch_sizes[-1]} vs (a): {ratio:.1f}x images/s "
           f"(target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
-    print(f"all {len(images)} images: (a) = (c) on {sum(x.box == y.box for x, y in zip(a, c))}, "
-          f"(b) = (c) on {sum(x.box == y.box for x, y in zip(b, c))}")
+    print(f"all {len(images)} images: (a) = (c) on {same(a, c)}, (b) = (c) on {same(b, c)}")
     same_ac, same_bc = sum(a[i].box == c[i].box for i in sure), sum(b[i].box == c[i].box for i in sure)
     print(f"where the model is sure (spread <= {args.sure}, {len(sure)} of {len(images)} images): "
           f"(a) = (c) on {same_ac}, (b) = (c) on {same_bc}")

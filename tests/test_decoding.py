@@ -20,6 +20,7 @@ from bbox_sft.calibration import Calibration, auroc, chance_ece, expected_calibr
 from bbox_sft.collator import IGNORE_INDEX, BoxSFTCollator, add_lengths
 from bbox_sft.decoding import AnswerGrammar, ForcedTokenDecoder, generate_answers
 from bbox_sft.model import set_pixel_budget
+from bbox_sft.objects import MAX_OBJECTS, OBJECTS_INSTRUCTION, parse_objects
 from bbox_sft.task import format_answer, parse_native_grounding
 from bbox_sft.testing import build_processor, build_qwen_tokenizer, tiny_config
 
@@ -73,6 +74,45 @@ def test_fast_forward_writes_what_step_by_step_and_generate_write(answer_format,
     if answer_format == "json":  # one prefill + one pass per choice step: at most 13 per batch
         assert fast_count.calls <= 13 * batches, fast_count.calls
     assert fast_count.calls < slow_count.calls  # never more passes than one token per pass
+
+
+def _lists_on_some_rows(model, tokenizer) -> None:
+    """Make an untrained model (which closes its list at once) write long lists on rows 0 and 2 of each
+    batch: the scores of every token that closes something (contains "]") lowered there, in place."""
+    closing = [i for i, t in enumerate(tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size))) if "]" in t]
+    penalty = torch.zeros(model.config.text_config.vocab_size)
+    penalty[closing] = -8.0
+
+    def hook(module, args, kwargs, output):
+        rows = [r for r in (0, 2) if r < output.logits.shape[0]]
+        output.logits[rows] += penalty
+        return output
+
+    model.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize(("answer_format", "max_new_tokens"), [("json", 150), ("qwen", 1200)])
+def test_fast_forward_writes_lists_as_generate_does_with_the_list_grammar(answer_format, max_new_tokens,
+                                                                           tiny_model_dir, box_dataset_dir,
+                                                                           processor, monkeypatch) -> None:
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    _lists_on_some_rows(model, processor.tokenizer)
+    images = _images(box_dataset_dir, 6)
+    # empty lists, lists cut short at 150 tokens (where generate cuts them), lists of max_objects items
+    kwargs = dict(answer_format=answer_format, batch_size=3, progress=False, instruction=OBJECTS_INSTRUCTION,
+                  parse=parse_objects, labels=["cat", "dog", "traffic light"], max_new_tokens=max_new_tokens)
+    with CountingForwards(model) as fast_count:
+        fast = generate_answers(model, processor, images, **kwargs)
+    with CountingForwards(model) as reference_count:
+        reference = _via_generate(monkeypatch, model, processor, images, **kwargs)
+    assert [p.raw for p in fast] == [p.raw for p in reference]
+    assert [p.objects for p in fast] == [p.objects for p in reference]
+    for a, b in zip(fast, reference):
+        assert a.object_scores == pytest.approx(b.object_scores, abs=1e-5), a.raw
+    lengths = sorted(len(processor.tokenizer(p.raw)["input_ids"]) for p in fast)
+    assert lengths[0] == 1 and (lengths[-1] == max_new_tokens if max_new_tokens == 150 else lengths[-1] < 1200)
+    assert max(len(p.objects) for p in fast) == (3 if max_new_tokens == 150 else MAX_OBJECTS)
+    assert fast_count.calls < reference_count.calls / 2  # measured: 78 against 300 (json), 576 against 1586
 
 
 def test_each_json_pass_after_the_prefill_is_a_choice(tiny_model_dir, box_dataset_dir, processor) -> None:
@@ -270,3 +310,19 @@ def test_fast_forward_agrees_with_step_by_step_on_the_real_tokenizer(answer_form
     reference = _via_generate(monkeypatch, model, qwen_processor, images, **kwargs)
     assert [p.raw for p in fast] == [p.raw for p in slow] == [p.raw for p in reference]
     assert all(p.box is not None for p in fast)
+
+
+def test_fast_forward_writes_lists_as_generate_does_on_the_real_tokenizer(qwen_processor, box_dataset_dir,
+                                                                          monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = Qwen3VLForConditionalGeneration(tiny_config(qwen_processor.tokenizer, hidden_size=64, layers=1)).eval()
+    _lists_on_some_rows(model, qwen_processor.tokenizer)
+    kwargs = dict(batch_size=2, progress=False, instruction=OBJECTS_INSTRUCTION, parse=parse_objects,
+                  labels=["cat", "dog", "traffic light", "café"], max_new_tokens=200)
+    images = _images(box_dataset_dir, 4)
+    fast = generate_answers(model, qwen_processor, images, **kwargs)
+    reference = _via_generate(monkeypatch, model, qwen_processor, images, **kwargs)
+    assert [p.raw for p in fast] == [p.raw for p in reference]
+    assert max(len(p.objects) for p in fast) >= 2
+    for a, b in zip(fast, reference):
+        assert a.object_scores == pytest.approx(b.object_scores, abs=1e-5), a.raw

@@ -463,6 +463,7 @@ def test_saliency_masks_give_objects_records_one_per_large_component(tmp_path) -
 def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers, answer_format) -> None:
     import torch
 
+    from bbox_sft.decoding import decision_logprobs
     from bbox_sft.list_grammar import ListGrammar
 
     grammar = ListGrammar(tokenizers["tiny"], LABELS, answer_format)
@@ -480,8 +481,8 @@ def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers
         if state.node is not None and len(grammar.allowed(ids[:t])) > 1 and state.items in first_label:
             logits = torch.zeros(vocab)  # ... or torn over the connector decisions of the first object
         torn.append(logits)
-    assert grammar.object_scores(ids, sure) == pytest.approx([1.0, 1.0], abs=1e-6)
-    first, second = grammar.object_scores(ids, torn)
+    assert grammar.object_scores(ids, decision_logprobs(grammar, ids, sure)) == pytest.approx([1.0, 1.0], abs=1e-6)
+    first, second = grammar.object_scores(ids, decision_logprobs(grammar, ids, torn))
     assert first < 0.97 and second > 0.99  # a geometric mean: the sure digits of the first object count too
 
 
