@@ -548,7 +548,11 @@ def _generate(model: PreTrainedModel, batch, grammar: TokenGrammar | None, eos: 
             decisions.append({})
             continue
         logits = [out.logits[t][row] for t in range(len(ids))]
-        decisions.append(decision_logprobs(grammar, ids, logits) if grammar.scores_decisions else {})
+        if grammar.scores_decisions:  # the list grammar: decisions scored, no digit choices
+            decisions.append(decision_logprobs(grammar, ids, logits))
+            choices.append([])
+            continue
+        decisions.append({})
         mine = [_choice(grammar, grammar.state(ids[:t]), logits[t]) for t in range(len(ids))]
         choices.append([c for c in mine if c is not None])
     return written, choices, decisions

@@ -48,35 +48,25 @@ def trained_tiny(tmp: str, steps: int) -> Path:
     return out
 
 
-def timed_passes() -> tuple[list[tuple[bool, float]], object]:
-    """Record (prefill?, seconds) of each ForcedTokenDecoder forward pass; returns the log and the original."""
-    log: list[tuple[bool, float]] = []
-    original = ForcedTokenDecoder._forward
-
-    def forward(self, **inputs):
-        start = time.perf_counter()
-        logits = original(self, **inputs)
-        log.append(("pixel_values" in inputs, time.perf_counter() - start))
-        return logits
-
-    ForcedTokenDecoder._forward = forward
-    return log, original
-
-
-def run(model, processor, images, via_generate: bool = False, **kwargs) -> tuple[list, float, int]:
-    """Predictions, images/s and forward passes of one decoding configuration (``via_generate``: the
-    grammar through generate)."""
+def run(model, processor, images, via_generate: bool = False, **kwargs) -> tuple[list, float, list[tuple[bool, float]]]:
+    """Predictions, images/s and (prefill?, seconds) of each forward pass of one decoding configuration
+    (``via_generate``: the grammar through generate). Timed by hooks on the transformers model, which both
+    paths call once per pass (peft's generate calls it alone)."""
     ForcedTokenDecoder.supports = classmethod(lambda cls, m: False) if via_generate else supports
-    passes = [0]
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's generate calls it alone
-    hook = base.register_forward_pre_hook(lambda module, args: passes.__setitem__(0, passes[0] + 1))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    passes: list[tuple[bool, float]] = []
+    started: list[float] = []
+    hooks = [base.register_forward_pre_hook(lambda m, a, kw: started.append(time.perf_counter()), with_kwargs=True),
+             base.register_forward_hook(lambda m, a, kw, out: passes.append(
+                 (kw.get("pixel_values") is not None, time.perf_counter() - started.pop())), with_kwargs=True)]
     try:
         start = time.perf_counter()
         results = generate_answers(model, processor, images, progress=False, **kwargs)
-        return results, len(images) / (time.perf_counter() - start), passes[0]
+        return results, len(images) / (time.perf_counter() - start), passes
     finally:
         ForcedTokenDecoder.supports = supports
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def answer(prediction):
@@ -126,11 +116,7 @@ def main() -> None:
             report("(b) batched", b, speed_b)
             c, speed_c, passes_c = run(model, processor, images, via_generate=True, **constrained)
             report("(c) batched + constrained", c, speed_c)
-            log, original = timed_passes()
-            try:
-                d, speed_d, _ = run(model, processor, images, **constrained)
-            finally:
-                ForcedTokenDecoder._forward = original
+            d, speed_d, log = run(model, processor, images, **constrained)
             report("(d) constrained, fast-forward", d, speed_d)
             e, speed_e, _ = run(model, processor, images, via_generate=True, **{**constrained, "answer_format": other})
             report(f"(e) (c) in {other} format", e, speed_e)
@@ -140,7 +126,7 @@ def main() -> None:
             prefill_s = sum(s for prefill, s in log if prefill)
             passes_s = [s for prefill, s in log if not prefill]
             print(f"{'':>36}(d): {len(log) / batches:.1f} forward passes per batch against (c)'s "
-                  f"{passes_c / batches:.1f}; the prefill (vision tower "
+                  f"{len(passes_c) / batches:.1f}; the prefill (vision tower "
                   f"and prompt) {prefill_s / (len(images) / speed_d):.0%} of its time, later passes "
                   f"{1000 * sum(passes_s) / max(1, len(passes_s)):.1f} ms each")
             summary.append((batch_size, speed_d / speed_c, sum(x.raw == y.raw for x, y in zip(c, d)),
