@@ -32,7 +32,8 @@ lint: install
 	$(BIN)/ruff check bbox_sft tests bench
 
 # DEMO_PROFILE=fast runs the reduced demo the tests run (about 3 minutes); DEMO_PROFILE=objects the
-# objects task (every shape, as a labelled list; outputs/demo_objects), objects_fast its reduced version
+# objects task (every shape, as a labelled list; outputs/demo_objects), objects_fast its reduced version;
+# DEMO_PROFILE=refer the refer task (the shape a description picks out; outputs/demo_refer), refer_fast
 DEMO_PROFILE ?= full
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bbox_sft.demo --profile $(DEMO_PROFILE)

@@ -29,21 +29,13 @@ from PIL import Image
 from .data.synthetic import write_example_images
 from .images import load_image
 from .predict import AdapterError, BoxPredictor, ImageResult
-from .visualize import RED, draw_boxes, draw_objects
+from .visualize import draw_boxes
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_ADAPTER = "outputs/demo/lora"
 EXAMPLES_DIR = "outputs/app_examples"
 BLUE = (40, 90, 230)
-HEADINGS = {
-    "subject": "# Where is the main subject?\nThe fine-tuned model answers with a JSON bounding box (red). "
-               "Confidence: the estimated probability that the box overlaps the true one with IoU ≥ 0.5, "
-               "calibrated when the adapter was trained.",
-    "objects": "# Every object\nThe fine-tuned model answers with a JSON list of labelled boxes (red).",
-    "phrase": "# The objects you name\nType a category; the fine-tuned model answers with a JSON list of its "
-              "boxes (red), `[]` when there is none.",
-}
 NO_ADAPTER = ("no adapter at {path}. Train one with `make demo` (about 8 minutes on a CPU; it writes "
               "outputs/demo/lora), or pass --adapter with your training output folder or a Hub repo id.")
 
@@ -95,6 +87,7 @@ def _describe(name: str, result: ImageResult, base: ImageResult | None) -> str:
             theirs = _line(base)["objects"]
             text += f"  \nbase model (adapter off, blue): {'no list' if theirs is None else len(theirs)} object(s)"
         return text
+    name += f" (asked for {result.query})" if result.query else ""
     if line["box"] is None:
         text = f"**{name}**: no box (unparsed answer `{line['raw']}`)"
     else:
@@ -117,11 +110,13 @@ class BoxApp:
         self._served = 0
 
     def _query(self, query: str | None) -> str | None:
-        """The category a phrase model is asked for (None for the other tasks, which take none)."""
-        if self.predictor.task != "phrase":
+        """What a phrase or refer model is asked (None for the tasks that take none)."""
+        task = self.predictor.task
+        if not task.takes_query:
             return None
         if not (query or "").strip():
-            raise ValueError("type the category to find (this model finds the objects a prompt names)")
+            raise ValueError(f"type the {task.query_label.lower()} (this model answers {task.title.lower()} "
+                             "questions)")
         return query.strip()
 
     def _results(self, paths: list[str], compare_base: bool, query: str | None = None
@@ -136,17 +131,14 @@ class BoxApp:
         theirs = iter(self.predictor.predict_files(readable, adapter=False, query=query))
         return [(result, None if result.error else next(theirs)) for result in mine]
 
-    @staticmethod
-    def _drawn(result: ImageResult, base: ImageResult | None) -> Image.Image:
-        image = load_image(result.path)
-        if result.prediction.objects is not None or result.query is not None:  # labelled boxes, base in blue
-            if base is not None:
-                image = draw_boxes(image, [(o.box, BLUE) for o in base.prediction.objects or []])
-            return draw_objects(image, [], result.prediction.objects or [])
-        boxes = [(result.prediction.box, RED)]
+    def _drawn(self, result: ImageResult, base: ImageResult | None) -> Image.Image:
+        """The answer in red (labelled, for lists) over the base model's in blue."""
+        task, image = self.predictor.task, load_image(result.path)
         if base is not None:
-            boxes.insert(0, (base.prediction.box, BLUE))
-        return draw_boxes(image, boxes)
+            answer = task.answer(base.prediction)
+            boxes = [o.box for o in answer or []] if task.answers_list else [answer]
+            image = draw_boxes(image, [(box, BLUE) for box in boxes])
+        return task.draw(image, None, task.answer(result.prediction))
 
     def one(self, path: str | None, compare_base: bool = False, query: str | None = None
             ) -> tuple[Image.Image | None, str, str]:
@@ -227,9 +219,10 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
     handlers = BoxApp(predictor)
     compare_note = "" if predictor.has_adapter else " (not available: this model has no adapter)"
 
-    with gr.Blocks(title="bbox-sft: main subject box", analytics_enabled=False,
+    task = predictor.task
+    with gr.Blocks(title=f"bbox-sft: {task.title.lower()}", analytics_enabled=False,
                    delete_cache=(3600, 86400)) as page:  # uploads are deleted after a day
-        gr.Markdown(HEADINGS[predictor.task])
+        gr.Markdown(task.heading)
         compare = gr.Checkbox(label=f"Also show the base model's box, adapter off (blue){compare_note}",
                               value=False, interactive=predictor.has_adapter, elem_id="compare-base")
         with gr.Tab("One image"):
@@ -238,8 +231,8 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
                     image = gr.Image(type="filepath", label="Image", sources=["upload", "clipboard"],
                                      image_mode=None, elem_id="image-in")
                     _hand_over_unopened(image)
-                    query = gr.Textbox(label="Category to find", value="", elem_id="query",
-                                       visible=predictor.task == "phrase")
+                    query = gr.Textbox(label=task.query_label or "Query", value="", elem_id="query",
+                                       visible=task.takes_query)
                     run_one = gr.Button("Find the box", variant="primary", elem_id="run-one")
                 with gr.Column():
                     drawn = gr.Image(label="Box", type="pil", interactive=False, elem_id="image-out")
@@ -256,7 +249,7 @@ def create_app(adapter: str | Path | BoxPredictor | None = None, base: str | Non
                     gallery = gr.Gallery(label="Boxes", columns=3, elem_id="gallery")
                     jsonl = gr.File(label="JSON lines", elem_id="jsonl-out")
         one_outputs = [drawn, answer, summary]
-        asked = [query] if predictor.task == "phrase" else []  # phrase models: the category is one more input
+        asked = [query] if task.takes_query else []  # phrase and refer models: the query is one more input
         run_one.click(handlers.one, [image, compare, *asked], one_outputs, api_name="predict_one")
         for changed in (image, compare):  # a new image or the switch flipped: answer at once
             changed.change(handlers.one, [image, compare, *asked], one_outputs, api_visibility="private")

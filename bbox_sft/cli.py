@@ -1,11 +1,11 @@
 """The ``bbox-sft`` command: one sub-command per stage, each a dataclass parsed by ``HfArgumentParser``.
 
     bbox-sft train    recipes/qwen3vl_lora.yaml [--field value ...]
-    bbox-sft synth    --output_dir data/synth --n 300 [--task objects]
+    bbox-sft synth    --output_dir data/synth --n 300 [--task objects|refer]
     bbox-sft prepare  --data_dir data/synth --output_dir data/saliency [--visualize]
     bbox-sft prepare  --download_help
     bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
-    bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png]
+    bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png] [--query "the red star"]
     bbox-sft merge    --adapter outputs/run --output outputs/merged
     bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
     bbox-sft app      [--adapter outputs/run] [--port 7860]
@@ -34,29 +34,30 @@ class SynthArguments:
     seed: int = field(default=0, metadata={"help": "Random seed."})
     domain: str = field(default="plain", metadata={"help": "plain | cluttered"})
     task: str = field(default="subject", metadata={
-        "help": "subject: images + masks (DUTS layout); objects: images with several named shapes + a COCO "
-                "instances file (images/ + annotations.json)"})
-    min_objects: int = field(default=0, metadata={"help": "objects: fewest shapes per image (0: some have none)."})
-    max_objects: int = field(default=4, metadata={"help": "objects: most shapes per image."})
-    min_size: float = field(default=0.08, metadata={"help": "objects: smallest half-size of a shape, as a fraction "
-                                                            "of the image side."})
-    max_size: float = field(default=0.22, metadata={"help": "objects: largest half-size of a shape."})
+        "help": "the data layout of this task: subject, images + masks (DUTS layout); objects or phrase, images "
+                "with several named shapes + a COCO instances file (images/ + annotations.json); refer, images with "
+                "two or more shapes + refs.jsonl, an expression per shape"})
+    min_objects: int | None = field(default=None, metadata={
+        "help": "objects: fewest shapes per image (default 0: some have none; refer: 2)."})
+    max_objects: int | None = field(default=None, metadata={"help": "most shapes per image (default 4; refer: 3)."})
+    min_size: float | None = field(default=None, metadata={
+        "help": "smallest half-size of a shape, as a fraction of the image side (default 0.08; refer: 0.14)."})
+    max_size: float | None = field(default=None, metadata={"help": "largest half-size of a shape (default 0.22; "
+                                                                   "refer: 0.3)."})
 
 
 def _synth(argv: list[str]) -> int:
-    from .data.synthetic import write_synthetic_coco, write_synthetic_set
+    from .data.synthetic import write_synthetic
+    from .tasks import get_task
 
     (args,) = HfArgumentParser(SynthArguments).parse_args_into_dataclasses(args=argv)
-    if args.task == "objects":
-        root = write_synthetic_coco(args.output_dir, n=args.n, seed=args.seed, domain=args.domain,
-                                    max_objects=args.max_objects, min_objects=args.min_objects,
-                                    scale=(args.min_size, args.max_size))
-        logger.info("wrote %d images and %s", args.n, root / "annotations.json")
-    elif args.task == "subject":
-        root = write_synthetic_set(args.output_dir, n=args.n, seed=args.seed, domain=args.domain)
-        logger.info("wrote %d images and masks under %s", args.n, root)
-    else:
-        raise ValueError(f"--task must be subject or objects, got {args.task!r}")
+    sizes = (args.min_size, args.max_size)
+    if (None in sizes) != (sizes == (None, None)):
+        raise ValueError("give both --min_size and --max_size, or neither")
+    root = write_synthetic(get_task(args.task).sources, args.output_dir, n=args.n, seed=args.seed,
+                           domain=args.domain, max_objects=args.max_objects, min_objects=args.min_objects,
+                           scale=None if None in sizes else sizes)
+    logger.info("wrote %d synthetic images for the %s task under %s", args.n, args.task, root)
     return 0
 
 
@@ -83,7 +84,11 @@ class PredictArguments:
     base: str | None = field(default=None, metadata={"help": "Base model (default: the adapter's own)."})
     batch_size: int = field(default=8, metadata={"help": "Images per generation batch."})
     constrained: bool = field(default=True, metadata={"help": "Constrained decoding (parse rate 1.0)."})
-    query: str | None = field(default=None, metadata={"help": "phrase models: the category to find."})
+    query: str | None = field(default=None, metadata={
+        "help": "phrase models: the category to find; refer models: the description of the object."})
+    queries: str | None = field(default=None, metadata={
+        "help": "A JSON-lines file of {\"image\": path, \"query\" (or \"expression\"): text}: one question per "
+                "image (refer, phrase), instead of --image / --dir and --query; paths relative to the file."})
     format: str = field(default="jsonl", metadata={
         "help": "jsonl: one JSON line per image; coco: objects/phrase models, a COCO results JSON array whose "
                 "image and category ids come from --coco_annotations"})
@@ -98,25 +103,31 @@ def _predict(argv: list[str]) -> int:
     from tqdm.auto import tqdm
 
     from .images import load_image
-    from .predict import BoxPredictor, CocoResults, image_files
-    from .visualize import RED, draw_boxes, draw_objects
+    from .predict import BoxPredictor, CocoResults, image_files, read_queries
 
     (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
-    if (args.image is None) == (args.dir is None):
-        raise ValueError("give exactly one of --image PATH or --dir DIR")
+    if sum(a is not None for a in (args.image, args.dir, args.queries)) != 1:
+        raise ValueError("give exactly one of --image PATH, --dir DIR or --queries FILE.jsonl")
+    if args.queries is not None and args.query is not None:
+        raise ValueError("--queries gives each image its own question: leave out --query")
     if args.format not in ("jsonl", "coco"):
         raise ValueError(f"--format must be jsonl or coco, got {args.format!r}")
     coco = CocoResults(args.coco_annotations) if args.format == "coco" else None
     if args.dir is not None and not Path(args.dir).is_dir():
         raise FileNotFoundError(f"--dir {args.dir} is not a folder")
-    paths = [Path(args.image)] if args.image else list(image_files(args.dir))
+    query: str | list[str] | None = args.query
+    if args.queries is not None:
+        paths, query = read_queries(args.queries)
+    else:
+        paths = [Path(args.image)] if args.image else list(image_files(args.dir))
     predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
                                              batch_size=args.batch_size)
-    if coco is not None and predictor.task == "subject":
-        raise ValueError("--format coco is for objects and phrase models (this one finds one subject box)")
+    task = predictor.task
+    if coco is not None and not task.answers_list:
+        raise ValueError(f"--format coco is for objects and phrase models (this {task.name} model answers one box)")
     failed, boxes = [], 0
     # one JSON line per image, written as each window of batches is done: an interrupted run keeps them
-    for result in tqdm(predictor.predict_files(paths, query=args.query), total=len(paths), desc="Predicting",
+    for result in tqdm(predictor.predict_files(paths, query=query), total=len(paths), desc="Predicting",
                        unit="image", disable=len(paths) <= args.batch_size):
         if coco is None:
             sys.stdout.write(json.dumps(result.to_json()) + "\n")
@@ -126,15 +137,12 @@ def _predict(argv: list[str]) -> int:
             continue
         if coco is not None:
             coco.add(result)
-        objects = result.prediction.objects
-        boxes += len(objects) if objects is not None else result.prediction.box is not None
+        answer = task.answer(result.prediction)
+        boxes += len(answer) if isinstance(answer, list) else answer is not None
         if args.output:
             target = Path(args.output) if args.image else Path(args.output) / f"{Path(result.path).stem}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            image = load_image(result.path)
-            drawn = draw_objects(image, [], objects) if objects is not None else draw_boxes(
-                image, [(result.prediction.box, RED)])
-            drawn.save(target)
+            task.draw(load_image(result.path), None, answer).save(target)
     if coco is not None:
         sys.stdout.write(json.dumps(coco.results) + "\n")
         if coco.unknown:
@@ -237,8 +245,8 @@ def _app(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train with a recipe under accelerate launch (same as accelerate launch bbox_sft/train.py)"),
-    "synth": (_synth, "write a synthetic saliency set in the DUTS layout"),
-    "prepare": (_prepare, "build the box dataset from images + masks (DUTS or any saliency set)"),
+    "synth": (_synth, "write a synthetic set in a task's data layout (DUTS, COCO, referring expressions)"),
+    "prepare": (_prepare, "build the box dataset of a task from masks, COCO annotations or referring expressions"),
     "eval": (_eval, "score an adapter, its base model and the center prior on a split"),
     "predict": (_predict, "boxes for an image or a folder of images"),
     "merge": (_merge, "merge an adapter into its base model"),

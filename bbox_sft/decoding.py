@@ -5,7 +5,7 @@ of the JSON are forced token by token and only the numbers are chosen by the mod
 restricted to values that keep the number valid (``0.00``-``1.00`` in the json format, ``0``-``1000``
 in the qwen format) and the box ordered and non-degenerate (each max above the min already written).
 Parse rate is 1.0 by construction. It needs a tokenizer that writes each digit as its own token,
-as Qwen's does; :class:`AnswerGrammar` checks that and refuses otherwise.
+as Qwen's does; :class:`~bbox_sft.grammar.BoxGrammar` checks that and refuses otherwise.
 
 Images whose shape the processor refuses (aspect ratio over 200) are padded first and their boxes
 mapped back to the original frame; ``raw`` keeps the answer as written for the padded image.
@@ -30,25 +30,16 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Pre
 from trl.data_utils import prepare_multimodal_messages
 
 from .boxes import Box
+from .chat import prompt_messages
+from .formats import AnswerFormat, LabelledBox, get_format, parse_answer
+from .grammar import TokenGrammar
 from .images import pad_to_aspect_ratio, to_rgb
-from .objects import LabelledBox
-from .task import (
-    ANSWER_FORMATS,
-    DECIMALS,
-    INSTRUCTION,
-    JSON_KEYS,
-    QWEN_GRID,
-    QWEN_KEY,
-    format_answer,
-    parse_answer,
-    prompt_messages,
-)
 
 if TYPE_CHECKING:
     from .calibration import Calibration
+    from .tasks import Task
 
 logger = logging.getLogger(__name__)
-DIGITS = "0123456789"
 
 
 @dataclass
@@ -70,176 +61,6 @@ class Prediction:
     object_scores: list[float] | None = None  # per object, under the list grammar (ListGrammar.object_scores)
 
 
-def _segments(answer_format: str) -> list[str]:
-    """The fixed text around the four numbers."""
-    if answer_format == "json":
-        return ["{" + f'"{JSON_KEYS[0]}": ', *(f', "{k}": ' for k in JSON_KEYS[1:]), "}"]
-    return ['{"' + QWEN_KEY + '": [', ", ", ", ", ", ", "]}"]
-
-
-class TokenGrammar:
-    """An answer format as a token automaton: which tokens may follow the answer so far, up to ``eos``.
-
-    Subclasses give :meth:`allowed` and :meth:`state`; :meth:`forced` (the run the automaton leaves no
-    choice in) follows from them, and is all :class:`ForcedTokenDecoder` needs to skip decode steps.
-    """
-
-    eos: int
-    scores_decisions = False  # whether answers are scored by their decisions' log-probabilities (lists)
-
-    def allowed(self, generated: Sequence[int]) -> list[int]:
-        """Tokens that may come next after ``generated`` (the answer so far)."""
-        raise NotImplementedError
-
-    def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
-        """(tokens that may come next, index of the number being written or None, its characters so far)."""
-        raise NotImplementedError
-
-    def forced(self, generated: Sequence[int]) -> list[int]:
-        """The tokens the grammar forces after ``generated``, up to the next choice (eos included)."""
-        run: list[int] = []
-        while True:
-            options = self.allowed([*generated, *run])
-            if len(options) != 1:
-                return run
-            run.append(options[0])
-            if options[0] == self.eos:
-                return run
-
-
-class AnswerGrammar(TokenGrammar):
-    """The answer format as a token automaton: fixed token runs and four numbers, then ``<|im_end|>``."""
-
-    def __init__(self, tokenizer, answer_format: str = "json") -> None:
-        if answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer format must be one of {ANSWER_FORMATS}, got {answer_format!r}")
-        self.answer_format = answer_format
-        self._options: dict[tuple[str, int, int], tuple[list[int], bool]] = {}
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        self.fixed = [encode(s) for s in _segments(answer_format)]
-        self.digit = {}
-        for d in DIGITS:
-            ids = encode(d)
-            if len(ids) != 1:
-                raise ValueError(f"constrained decoding needs one token per digit; {d!r} is {ids}")
-            self.digit[d] = ids[0]
-        self.char_of = {i: d for d, i in self.digit.items()}
-        dot = encode(".")
-        self.dot = dot[0] if len(dot) == 1 else None
-        if answer_format == "json" and self.dot is None:
-            raise ValueError("constrained decoding needs '.' to be one token")
-        if self.dot is not None:
-            self.char_of[self.dot] = "."
-        self.eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        for box in ((0.0, 0.05, 0.5, 1.0), (0.13, 0.22, 0.54, 0.78)):  # the grammar must write what training wrote
-            text = format_answer(box, answer_format)
-            if self.compose(box) != encode(text):
-                raise ValueError(f"constrained decoding: this tokenizer splits {text!r} differently in context")
-
-    def compose(self, box: Sequence[float]) -> list[int]:
-        """Token ids of the answer for ``box`` as the automaton builds it (without eos)."""
-        text = format_answer(box, self.answer_format)
-        numbers = []
-        rest = text
-        for segment in _segments(self.answer_format)[:-1]:
-            rest = rest[len(segment):]
-            end = next(i for i, c in enumerate(rest) if c not in DIGITS + ".")
-            numbers.append(rest[:end])
-            rest = rest[end:]
-        ids = []
-        for fixed, number in zip(self.fixed, numbers):
-            ids += fixed + [self.digit[c] if c in DIGITS else self.dot for c in number]
-        return ids + self.fixed[-1]
-
-    @property
-    def top(self) -> int:
-        """The largest number on the answer's integer grid (1.00 is 100 hundredths in the json format)."""
-        return 10**DECIMALS if self.answer_format == "json" else QWEN_GRID
-
-    def bounds(self, index: int, values: Sequence[int]) -> tuple[int, int]:
-        """Allowed range of number ``index`` given the numbers before it: each max above its min.
-
-        x_min and y_min stop one unit below the top, so that a larger max exists; x_max and y_max lie
-        strictly above the min already written.
-        """
-        if index < 2:
-            return 0, self.top - 1
-        return values[index - 2] + 1, self.top
-
-    def _feasible(self, digits: str, low: int, high: int) -> bool:
-        """Whether a number that starts with ``digits`` can still end in [low, high]."""
-        if self.answer_format == "json":  # exactly three digits, d.dd
-            span = 10 ** (DECIMALS + 1 - len(digits))
-            start = int(digits) * span
-            return start <= high and start + span - 1 >= low
-        if len(digits) > 1 and digits[0] == "0":  # qwen: 1-4 digits without leading zeros
-            return False
-        for extra in range(0, 5 - len(digits)) if digits != "0" else (0,):
-            span = 10**extra
-            start = int(digits) * span
-            if start <= high and start + span - 1 >= low:
-                return True
-        return False
-
-    def _number_options(self, chars: str, low: int, high: int) -> tuple[list[int], bool]:
-        """(allowed next characters' tokens, whether the number may end here) for a number in [low, high].
-
-        Memoised: a few thousand distinct arguments cover every answer, and decoding asks at every token.
-        """
-        key = (chars, low, high)
-        if key not in self._options:
-            if len(self._options) > 100_000:  # bounded over very long runs
-                self._options.clear()
-            self._options[key] = self._number_options_uncached(chars, low, high)
-        return self._options[key]
-
-    def _number_options_uncached(self, chars: str, low: int, high: int) -> tuple[list[int], bool]:
-        digits = chars.replace(".", "")
-        if self.answer_format == "json":
-            if len(chars) == 1:
-                return [self.dot], False
-            if len(digits) == DECIMALS + 1:
-                return [], True
-            return [self.digit[c] for c in DIGITS if self._feasible(digits + c, low, high)], False
-        grows = len(digits) < 4 and digits != "0"
-        options = [self.digit[c] for c in DIGITS if self._feasible(digits + c, low, high)] if grows else []
-        return options, bool(digits) and low <= int(digits) <= high
-
-    def allowed(self, generated: Sequence[int]) -> list[int]:
-        """Tokens that may come next after ``generated`` (the answer so far)."""
-        return self.state(generated)[0]
-
-    def state(self, generated: Sequence[int]) -> tuple[list[int], int | None, str]:
-        """(tokens that may come next, index of the number being written or None, its characters so far).
-
-        The answer is fixed run 0, number 0, fixed run 1, ..., number 3, fixed run 4, then eos.
-        """
-        k, j, chars, in_number = 0, 0, "", False  # fixed run k, j of its tokens seen; or inside the number before it
-        values: list[int] = []  # the numbers written so far, on the integer grid
-        last = len(self.fixed) - 1
-        for token in generated:
-            if in_number:
-                options, may_end = self._number_options(chars, *self.bounds(len(values), values))
-                if token in options:
-                    chars += self.char_of[token]
-                    continue
-                if not (may_end and token == self.fixed[k][0]):
-                    return [self.eos], None, ""  # off the grammar: cannot happen under the processor
-                in_number = False
-                values.append(int(chars.replace(".", "")))
-            elif token != self.fixed[k][j]:
-                return [self.eos], None, ""
-            j += 1
-            if j == len(self.fixed[k]):
-                if k == last:
-                    return [self.eos], None, ""
-                k, j, chars, in_number = k + 1, 0, "", True
-        if in_number:
-            options, may_end = self._number_options(chars, *self.bounds(len(values), values))
-            return options + ([self.fixed[k][0]] if may_end else []), len(values), chars
-        return [self.fixed[k][j]], None, ""
-
-
 class GrammarLogitsProcessor(LogitsProcessor):
     """Masks every token the grammar does not allow next (rows are left-padded prompts of equal length)."""
 
@@ -254,7 +75,7 @@ class GrammarLogitsProcessor(LogitsProcessor):
         return scores + mask
 
 
-def prompt_text(processor: ProcessorMixin, instruction: str = INSTRUCTION) -> str:
+def prompt_text(processor: ProcessorMixin, instruction: str) -> str:
     """The chat-templated prompt, up to where the assistant starts answering."""
     messages = prepare_multimodal_messages(prompt_messages(instruction), images=[None])
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -270,7 +91,7 @@ class Choice:
     probs: list[float]  # the model's probabilities of those digits, renormalised over them
 
 
-def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float | None:
+def box_spread(choices: Sequence[Choice], raw: str, answer_format: str | AnswerFormat) -> float | None:
     """Mean standard deviation of the four coordinates implied by the digit distributions, in [0, 1] units.
 
     Each choice is a digit with a known place value (units, tenths, hundredths of the image in the json
@@ -281,7 +102,7 @@ def box_spread(choices: Sequence[Choice], raw: str, answer_format: str) -> float
     numbers = [n.replace(".", "") for n in re.findall(r"\d+(?:\.\d+)?", raw)][-4:]  # after "bbox_2d"
     if len(numbers) != 4:
         return None
-    scale = 10**DECIMALS if answer_format == "json" else QWEN_GRID
+    scale = get_format(answer_format).top
     variance = [0.0] * 4
     for c in choices:
         place = 10 ** (len(numbers[c.number]) - 1 - c.position) / scale
@@ -452,36 +273,40 @@ def generate_answers(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     images: Sequence[Image.Image],
-    answer_format: str = "json",
+    answer_format: str | AnswerFormat = "json",
     constrained: bool = True,
     batch_size: int = 8,
-    max_new_tokens: int = 64,
+    max_new_tokens: int | None = None,
     progress: bool = True,
     synced_gpus: bool | None = None,
     fast_forward: bool = True,
     calibration: Calibration | None = None,
-    instruction: str | Sequence[str] = INSTRUCTION,
-    parse: Callable[[str], Box | list[LabelledBox] | None] = parse_answer,
+    instruction: str | Sequence[str] | None = None,
+    parse: Callable[[str], Box | list[LabelledBox] | None] | None = None,
     labels: Sequence[str] | None = None,
+    task: str | Task = "subject",
+    query: str | None = None,
 ) -> list[Prediction]:
-    """Greedy answers for ``images`` in batches of similar size; one :class:`Prediction` per image.
+    """Greedy answers of ``task`` for ``images`` in batches of similar size; one :class:`Prediction` per image.
 
-    Constrained decoding runs :class:`ForcedTokenDecoder` (forced runs fed in one pass each; with
-    ``fast_forward=False`` one token per pass) on models with M-RoPE, and transformers' ``generate``
+    The task gives the question (``instruction`` overrides it: one, or one per image), the parser
+    (``parse`` overrides it: the native grounding baseline), the token budget and, with
+    ``constrained``, the grammar (a list task's from ``labels``, or ``query`` for one that names its
+    labels). Constrained decoding runs :class:`ForcedTokenDecoder` (forced runs fed in one pass each;
+    with ``fast_forward=False`` one token per pass) on models with M-RoPE, and transformers' ``generate``
     with the grammar as a logits processor otherwise; unconstrained decoding is ``generate``.
-    ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets
-    transformers decide. ``calibration`` turns each box's spread into P(IoU >= 0.5). ``instruction``
-    (one, or one per image) and ``parse`` ask another question: the native grounding baseline
-    (unconstrained), or the list tasks, whose ``parse`` returns labelled boxes; with ``labels`` (the
-    labels a list may hold) and ``constrained``, lists are written under
-    :class:`~bbox_sft.list_grammar.ListGrammar`, fast-forwarded the same way.
+    ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets transformers
+    decide. ``calibration`` turns each box's spread into P(IoU >= 0.5).
     """
-    from .list_grammar import ListGrammar
+    from .tasks import get_task
 
+    task = get_task(task)
+    answer_format = get_format(answer_format)
+    instruction = task.instruction(query) if instruction is None else instruction
+    parse = parse or task.parse
+    max_new_tokens = max_new_tokens or task.max_new_tokens
     tokenizer = processor.tokenizer
-    lists = labels is not None
-    grammar = (ListGrammar(tokenizer, labels, answer_format) if lists else AnswerGrammar(tokenizer, answer_format)
-               ) if constrained else None
+    grammar = task.grammar(tokenizer, answer_format, labels, query) if constrained else None
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
     asked = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)
@@ -515,7 +340,7 @@ def generate_answers(
                 box, letterbox = parse(raw), fitted[i][1]
                 if isinstance(box, list):  # a list task: every box back in the original frame
                     objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
-                    scores = grammar.object_scores(written[row], decisions[row]) if lists and grammar else None
+                    scores = grammar.object_scores(written[row], decisions[row]) if grammar and grammar.scores_decisions else None
                     if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
                         scores = (scores + [1.0] * len(objects))[: len(objects)]
                     results[i] = Prediction(None, raw, objects=objects, object_scores=scores)

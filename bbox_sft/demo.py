@@ -14,9 +14,10 @@
 The ``objects`` profiles run the same stages for the objects task (every shape in the image, as a
 labelled list): synthetic COCO sets (``bbox-sft synth --task objects``) for both domains, a base fully
 fine-tuned on domain A's lists, LoRA for domain B's, rows adapter / base / prior on F1@0.5 and mAP,
-under ``outputs/demo_objects``.
+under ``outputs/demo_objects``. The ``refer`` profiles do the same for referring expressions (the shape
+a description picks out, among two or three), rows on Acc@0.5 and IoU, under ``outputs/demo_refer``.
 
-    python -m bbox_sft.demo [--profile fast|objects|objects_fast]
+    python -m bbox_sft.demo [--profile fast|objects|objects_fast|refer|refer_fast]
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .detection import DETECTION_METRIC_NAMES
 from .evaluation import confidence_sentence, markdown_table
-from .metrics import METRIC_NAMES
+from .tasks import get_task
 from .visualize import save_training_curves
 
 logger = logging.getLogger("bbox_sft.demo")
 REPO = Path(__file__).resolve().parents[1]
+
+
+# objects: 1-3 shapes per image (each category its own hue), half-sizes 14-30 % of the image side
+OBJECT_SHAPES = ("--min_objects", "1", "--max_objects", "3", "--min_size", "0.14", "--max_size", "0.3")
 
 
 @dataclass(frozen=True)
@@ -55,24 +59,36 @@ class Profile:
     layers: int
     eval_steps: int
     task: str = "subject"
+    name: str = "demo"  # outputs/<name>, data/<name>
+    task_args: tuple[str, ...] = ()  # what synth, prepare and train are told of the task
+    synth_args: tuple[str, ...] = ()
+    heldout: tuple[str, str] = ("--dir", "DUTS-TR/DUTS-TR-Image")  # what predict reads in the held-out folder
+    what: str = ""  # the demo's task, for the report
 
     @property
     def metric(self) -> str:
         """The validation metric the adapter is picked by, and the curve shows."""
-        return "eval_mean_iou" if self.task == "subject" else "eval_f1@0.5"
+        return get_task(self.task).metric_for_best_model
 
 
-# objects: 1-3 shapes per image (each category its own hue), half-sizes 14-30 % of the image side
-OBJECT_SHAPES = ["--min_objects", "1", "--max_objects", "3", "--min_size", "0.14", "--max_size", "0.3"]
+_OBJECTS = dict(task="objects", name="demo_objects", task_args=("--task", "objects"), synth_args=OBJECT_SHAPES,
+                heldout=("--dir", "images"), what=" for the objects task (every shape, as a labelled list)")
+# refer: 2-3 shapes per image, one expression each ("the small red ellipse", "the star on the left")
+_REFER = dict(task="refer", name="demo_refer", task_args=("--task", "refer"), heldout=("--queries", "refs.jsonl"),
+              what=" for the refer task (the shape a description picks out)")
 PROFILES = {
     "full": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
                     hidden_size=256, layers=4, eval_steps=100),
     "fast": Profile(images_a=800, images_b=300, train_b=220, test_b=40, base_steps=260, lora_steps=100,
                     hidden_size=256, layers=4, eval_steps=50),
     "objects": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
-                       hidden_size=256, layers=4, eval_steps=100, task="objects"),
+                       hidden_size=256, layers=4, eval_steps=100, **_OBJECTS),
     "objects_fast": Profile(images_a=500, images_b=220, train_b=160, test_b=24, base_steps=200, lora_steps=60,
-                            hidden_size=256, layers=4, eval_steps=30, task="objects"),
+                            hidden_size=256, layers=4, eval_steps=30, **_OBJECTS),
+    "refer": Profile(images_a=1200, images_b=600, train_b=480, test_b=60, base_steps=1200, lora_steps=300,
+                     hidden_size=256, layers=4, eval_steps=100, **_REFER),
+    "refer_fast": Profile(images_a=400, images_b=160, train_b=110, test_b=24, base_steps=240, lora_steps=60,
+                          hidden_size=256, layers=4, eval_steps=30, **_REFER),
 }
 
 
@@ -96,18 +112,17 @@ class Stages:
 
 
 def default_dirs(profile_name: str) -> tuple[str, str]:
-    """(outputs, data) of a profile: the objects profiles keep theirs apart from the subject demo's."""
-    suffix = "" if PROFILES[profile_name].task == "subject" else f"_{PROFILES[profile_name].task}"
-    return f"outputs/demo{suffix}", f"data/demo{suffix}"
+    """(outputs, data) of a profile: each task's profiles keep theirs apart from the others'."""
+    name = PROFILES[profile_name].name
+    return f"outputs/{name}", f"data/{name}"
 
 
 def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir: str | None = None) -> dict:
     profile = PROFILES[profile_name]
     out, data = (Path(d or default) for d, default in zip((output_dir, data_dir), default_dirs(profile_name)))
-    subject = profile.task == "subject"
     stages = Stages()
     start = time.perf_counter()
-    synth = [_bin("bbox-sft"), "synth"] + ([] if subject else ["--task", profile.task, *OBJECT_SHAPES])
+    synth = [_bin("bbox-sft"), "synth", *profile.task_args, *profile.synth_args]
     stages.run(
         "synthetic data",
         [*synth, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1",
@@ -116,7 +131,7 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
          "--domain", "cluttered"],
         [*synth, "--output_dir", str(data / "heldout_b"), "--n", "8", "--seed", "3", "--domain", "cluttered"],
     )
-    prepare = [_bin("bbox-sft"), "prepare"] + ([] if subject else ["--task", profile.task])
+    prepare = [_bin("bbox-sft"), "prepare", *profile.task_args]
     train_a = profile.images_a - 200
     stages.run(
         "datasets",
@@ -127,7 +142,7 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
     )
 
     train = [_bin("accelerate"), "launch", "--num_processes", "1", "bbox_sft/train.py"]
-    task = [] if subject else ["--task", profile.task, "--metric_for_best_model", profile.metric]
+    task = [*profile.task_args, "--metric_for_best_model", profile.metric] if profile.task_args else []
     base_dir = out / "base"
     if (base_dir / "config.json").is_file():
         logger.info("== base model: cached in %s (delete it to train again)", base_dir)
@@ -151,9 +166,10 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
         _bin("bbox-sft"), "eval", "--adapter", str(lora_dir), "--dataset", str(data / "domain_b"),
         "--split", "test", "--output_dir", str(out / "eval"),
     ])
-    heldout = data / "heldout_b" / ("DUTS-TR/DUTS-TR-Image" if subject else "images")
+    flag, heldout = profile.heldout
     with open(out / "predictions.jsonl", "w") as predictions:
-        stages.seconds["prediction"] = _predict(lora_dir, heldout, out / "predictions", predictions)
+        stages.seconds["prediction"] = _predict(lora_dir, [flag, str(data / "heldout_b" / heldout)],
+                                                out / "predictions", predictions)
 
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     history = json.loads((lora_dir / "trainer_state.json").read_text())["log_history"]
@@ -163,7 +179,8 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
     report = {
         "profile": profile_name,
         "task": profile.task,
-        "sizes": asdict(profile),
+        "sizes": {k: v for k, v in asdict(profile).items() if k not in ("name", "task_args", "synth_args", "heldout",
+                                                                         "what")},
         "rows": metrics["rows"],
         "test_images": metrics["evaluated"],
         "confidence": metrics.get("confidence"),
@@ -180,9 +197,9 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
     return report
 
 
-def _predict(adapter: Path, images: Path, output: Path, sink) -> float:
+def _predict(adapter: Path, images: list[str], output: Path, sink) -> float:
     start = time.perf_counter()
-    command = [_bin("bbox-sft"), "predict", "--adapter", str(adapter), "--dir", str(images), "--output", str(output)]
+    command = [_bin("bbox-sft"), "predict", "--adapter", str(adapter), *images, "--output", str(output)]
     logger.info("== prediction\n$ %s", " ".join(command))
     subprocess.run(command, cwd=REPO, check=True, stdout=sink, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     return round(time.perf_counter() - start, 1)
@@ -195,19 +212,18 @@ def _confidence(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     profile = PROFILES[report["profile"]]
-    subject, metric = profile.task == "subject", profile.metric
+    task, metric = get_task(profile.task), profile.metric
     times = "\n".join(f"| {stage} | {seconds:.0f} s |" for stage, seconds in report["stage_seconds"].items())
     curve = "\n".join(f"| {e['step']} | {e[metric]:.3f} | {e['eval_loss']:.3f} |" for e in report["validation"])
-    what = "" if subject else " for the objects task (every shape, as a labelled list)"
-    truth = "truth green, prediction red" if subject else "truth green, prediction red, labelled"
-    prior = "" if subject else (f"\nprior: {report['prior']}. mAP ranks each image's boxes by their per-object "
-                                "scores.\n")
+    truth = "truth green, prediction red" + (", labelled" if task.answers_list else "")
+    prior = f"\n{task.prior_row}: {report['prior']}." + (
+        " mAP ranks each image's boxes by their per-object scores." if task.answers_list else "") + "\n"
     return f"""# bbox-sft demo ({report['profile']} profile)
 
-LoRA on domain B over a tiny Qwen3-VL base trained on domain A{what}; {report['test_images']} held-out
-domain-B test images.
+LoRA on domain B over a tiny Qwen3-VL base trained on domain A{profile.what}; {report['test_images']} held-out
+domain-B test records.
 
-{markdown_table(report['rows'], METRIC_NAMES if subject else DETECTION_METRIC_NAMES)}
+{markdown_table(report['rows'], task.metric_names)}
 {prior}{_confidence(report)}
 ## Validation during LoRA training (generation-based)
 
@@ -233,8 +249,8 @@ domain-B test images.
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the bbox-sft demo end to end on CPU.")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--output_dir", default=None, help="default: outputs/demo (objects: outputs/demo_objects)")
-    parser.add_argument("--data_dir", default=None, help="default: data/demo (objects: data/demo_objects)")
+    parser.add_argument("--output_dir", default=None, help="default: outputs/<the profile's name>, e.g. outputs/demo")
+    parser.add_argument("--data_dir", default=None, help="default: data/<the profile's name>, e.g. data/demo")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run_demo(args.profile, args.output_dir, args.data_dir)

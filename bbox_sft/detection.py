@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .boxes import iou
-from .objects import LabelledBox
+from .formats import LabelledBox
 
 DETECTION_METRIC_NAMES = ("precision@0.5", "recall@0.5", "f1@0.5", "map", "map_50", "count_error_rate",
                           "parse_rate")

@@ -68,6 +68,44 @@ chat turns that TRL's vision SFT reads (`prompt`, `completion`). The answer list
 """
 
 
+def refer_dataset_card(report: dict[str, Any]) -> str:
+    """README.md for a prepared refer dataset: source, expressions, splits, what was skipped."""
+    config = report["config"]
+
+    def counts(d: dict[str, int]) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
+
+    rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
+                     for split, n in report["split_sizes"].items())
+    return f"""---
+task_categories:
+- object-detection
+- image-text-to-text
+tags:
+- referring-expression
+- bounding-box
+- bbox-sft
+---
+
+# Referring expressions with boxes
+
+Each record holds an image, one referring expression (`query`), the box it picks out (`box`,
+normalised to [0, 1]) and the chat turns that TRL's vision SFT reads (`prompt`, `completion`).
+
+- **Source:** `{report["source"]}`, {report["images_found"]} images, {report["expressions_found"]} expressions
+- **Answer format:** `{config["answer_format"]}`
+- **Splits** (by a stable hash of the image id, seed {config["seed"]}; every expression of an image in one split):
+
+| split | images | records |
+|---|---|---|
+{rows}
+
+- **Skipped images:** {counts(report["skipped"])}
+- **Skipped expressions:** {counts(report["skipped_expressions"])}
+- **Fixed:** {counts({**report["fixed"], **report["handled"]})}
+"""
+
+
 def dataset_card(report: dict[str, Any], citation: str) -> str:
     """README.md for a prepared dataset: where it came from, how boxes were made, split sizes."""
     config = report["config"]
@@ -131,25 +169,19 @@ def write_model_card(
     hub_model_id: str | None = None,
     metrics_source: str = "last evaluation",
     test_metrics: dict[str, Any] | None = None,
-    task: str = "subject",
+    task: Any = "subject",
 ) -> Path:
     """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
-    from .detection import DETECTION_METRIC_NAMES
-    from .objects import OBJECTS_INSTRUCTION, phrase_instruction
-    from .task import INSTRUCTION
+    from .tasks import get_task
 
+    task = get_task(task)
     output_dir = Path(output_dir)
     is_adapter = (output_dir / "adapter_config.json").is_file()
     repo = hub_model_id or str(output_dir)
-    shown = ("loss", "mean_iou", "median_iou", "success@0.5", "success@0.75", "parse_rate")
-    if task != "subject":
-        shown = ("loss", *DETECTION_METRIC_NAMES)
-    instruction = {"subject": INSTRUCTION, "objects": OBJECTS_INSTRUCTION}.get(task) or phrase_instruction("cat")
-    does = {"subject": "Finds the main subject of an image and answers with its bounding box",
-            "objects": "Finds every object in an image and answers with a JSON list of labelled boxes",
-            "phrase": "Finds the objects of the category a prompt names and answers with a JSON list of their boxes"
-            }[task]
-    query = " --query cat" if task == "phrase" else ""
+    shown = ("loss", *task.metric_names)
+    instruction = task.instruction(task.example_query)
+    does = task.does
+    query = f" --query {json.dumps(task.example_query)}" if task.takes_query else ""
     scores = {k: metrics[f"eval_{k}"] for k in shown if f"eval_{k}" in metrics}
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in scores.items() if isinstance(v, float))
     tests = {k: test_metrics[f"test_{k}"] for k in shown if f"test_{k}" in (test_metrics or {})}
@@ -181,7 +213,7 @@ messages = [{{"role": "user", "content": [{{"type": "image"}},
              {{"type": "text", "text": {json.dumps(instruction)}}}]}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(text=[text], images=[Image.open("photo.jpg")], return_tensors="pt").to(model.device)
-out = model.generate(**inputs, max_new_tokens={64 if task == "subject" else 640}, do_sample=False)
+out = model.generate(**inputs, max_new_tokens={task.max_new_tokens}, do_sample=False)
 print(processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 

@@ -19,7 +19,7 @@ import evaluate
 import numpy as np
 
 from bbox_sft.boxes import iou
-from bbox_sft.task import parse_answer
+from bbox_sft.formats import parse_answer
 
 METRIC_NAMES = ("mean_iou", "median_iou", "success@0.5", "success@0.75", "parse_rate")
 

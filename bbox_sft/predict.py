@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -27,7 +27,9 @@ from .data.sources import IMAGE_SUFFIXES
 from .decoding import Prediction, generate_answers
 from .images import ImageError, open_image
 from .model import detect_device, load_model, load_processor
-from .objects import OBJECTS_INSTRUCTION, format_objects, parse_objects, phrase_instruction
+from .saved_run import SavedRun
+from .tasks import Task, get_task
+from .tasks.base import rounded
 
 logger = logging.getLogger(__name__)
 
@@ -101,51 +103,25 @@ class ImageResult:
     width: int = 0
     height: int = 0
     error: str | None = None
-    query: str | None = None  # the category a phrase model was asked for
+    query: str | None = None  # what a phrase or refer model was asked for
+    task: Task = field(default_factory=lambda: get_task("subject"))
 
     def to_json(self) -> dict:
         if self.prediction is None:
             return {"image": self.path, "error": self.error}
-        if self.prediction.objects is not None or self.query is not None:  # a list task
-            objects = self.prediction.objects
-            line = {"image": self.path, "width": self.width, "height": self.height}
-            if self.query is not None:
-                line["query"] = self.query
-            scores = self.prediction.object_scores or [None] * len(objects or [])
-            line["objects"] = None if objects is None else [
-                {"label": o.label, "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), o.box)),
-                 "box_px": list(o.box.to_pixels(self.width, self.height)), "score": rounded(score)}
-                for o, score in zip(objects, scores)]
-            line["qwen"] = None if objects is None else format_objects(objects, "qwen")  # sv.Detections.from_vlm
-            line["raw"] = self.prediction.raw
-            return line
-        box = self.prediction.box
-        return {
-            "image": self.path,
-            "box": dict(zip(("x_min", "y_min", "x_max", "y_max"), box)) if box else None,
-            "box_px": list(box.to_pixels(self.width, self.height)) if box else None,
-            "confidence": rounded(self.prediction.confidence),
-            "spread": rounded(self.prediction.spread),
-            "raw": self.prediction.raw,
-        }
-
-
-def rounded(value: float | None) -> float | None:
-    """A probability or spread as written in JSON lines: 4 decimals, None kept."""
-    return None if value is None else round(value, 4)
+        return {"image": self.path, **self.task.result_json(self.prediction, self.width, self.height, self.query)}
 
 
 class BoxPredictor:
-    """A model that answers with the box of an image's main subject."""
+    """A model that answers its task's question with boxes: one image or many, one query or one per image."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
                  constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
-                 task: str = "subject", max_new_tokens: int = 640, labels: Sequence[str] | None = None) -> None:
-        if task not in ("subject", "objects", "phrase"):
-            raise ValueError(f"task must be subject, objects or phrase, got {task!r}")
-        self.task = task
+                 task: str | Task = "subject", max_new_tokens: int | None = None,
+                 labels: Sequence[str] | None = None) -> None:
+        self.task = get_task(task)
         self.labels = list(labels) if labels is not None else None  # list tasks: what constrained answers may name
-        self.max_new_tokens = max_new_tokens  # list tasks: room for the longest list
+        self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
         self.model = model
         self.calibration = calibration
         self.processor = processor
@@ -155,13 +131,13 @@ class BoxPredictor:
 
     @classmethod
     def from_pretrained(cls, adapter: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
-        """Load an adapter folder or Hub repo id (with its base model, processor and calibration)."""
+        """Load an adapter folder or Hub repo id (with its base model, processor, run description and calibration)."""
         adapter_dir = resolve_adapter(adapter)
         model, processor = load_for_inference(adapter_dir, base)
-        saved = trained_args(adapter_dir)  # read once
-        kwargs.setdefault("answer_format", saved.get("answer_format", "json"))
-        kwargs.setdefault("task", saved.get("task", "subject"))
-        kwargs.setdefault("labels", saved.get("labels"))
+        saved = SavedRun.read(adapter_dir)  # what the run trained
+        kwargs.setdefault("answer_format", saved.answer_format.name)
+        kwargs.setdefault("task", saved.task)
+        kwargs.setdefault("labels", saved.labels)
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
@@ -179,38 +155,48 @@ class BoxPredictor:
             yield
 
     def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
-                query: str | None = None) -> list[Prediction]:
-        """Boxes for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated).
+                query: str | Sequence[str | None] | None = None) -> list[Prediction]:
+        """Answers for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated).
 
-        For a model trained on the ``objects`` task each prediction holds ``objects``; for ``phrase``,
-        ``query`` names the category to find.
+        ``query`` is what a phrase model finds (a category) or a refer model locates (a description):
+        one for every image, or one per image. Questions that share a grammar share batches.
         """
-        options = dict(answer_format=self.answer_format, constrained=self.constrained, batch_size=self.batch_size,
-                       progress=progress, calibration=self.calibration if adapter else None)
-        if self.task != "subject":
-            if (query is None) == (self.task == "phrase"):
-                raise ValueError("a phrase model needs a query (the category to find); other tasks take none"
-                                 if self.task == "phrase" else f"a {self.task} model takes no query")
-            labels = [query] if query else self.labels  # a phrase answer names only what was asked
-            options.update(instruction=phrase_instruction(query) if query else OBJECTS_INSTRUCTION,
-                           parse=parse_objects, labels=labels, calibration=None, max_new_tokens=self.max_new_tokens,
-                           constrained=self.constrained and labels is not None)
-        elif query is not None:
-            raise ValueError("a subject model takes no query")
+        queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
+        if len(queries) != len(images):
+            raise ValueError(f"{len(queries)} queries for {len(images)} images")
+        for q in set(queries):
+            self.task.check_query(q)
+        options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained,
+                       batch_size=self.batch_size, progress=progress, labels=self.labels,
+                       max_new_tokens=self.max_new_tokens,
+                       calibration=self.calibration if adapter and self.task.calibrates else None)
+        results: list[Prediction | None] = [None] * len(images)
+        groups: dict[str | None, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(self.task.grammar_key(q), []).append(i)
         with contextlib.nullcontext() if adapter else self.without_adapter():
-            return generate_answers(self.model, self.processor, images, **options)
+            for key, index in groups.items():
+                answers = generate_answers(self.model, self.processor, [images[i] for i in index],
+                                           instruction=[self.task.instruction(queries[i]) for i in index],
+                                           query=key, **options)
+                for i, answer in zip(index, answers):
+                    results[i] = answer
+        return results  # type: ignore[return-value]
 
     def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
-                      query: str | None = None) -> Iterator[ImageResult]:
+                      query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
         """Results for image files, in the order given, a window of a few batches at a time.
 
         Each image is decoded small and shrunk to the processor's size as it is read, and at most
         ``window`` images (default: 4 batches) are held at once, so memory does not grow with the
         number of files. A file that cannot be read gets a result with its error; the rest go on.
+        ``query``: one for every file, or one per file.
         """
         window = window or 4 * self.batch_size
+        queries = iter(query) if isinstance(query, (list, tuple)) else None
         paths = iter(paths)
         while chunk := [str(p) for p in islice(paths, window)]:
+            asked = [next(queries) for _ in chunk] if queries is not None else [query] * len(chunk)
             results: list[ImageResult | None] = [None] * len(chunk)
             loaded: list[tuple[int, Image.Image]] = []
             for i, path in enumerate(chunk):
@@ -218,30 +204,40 @@ class BoxPredictor:
                     image, (width, height) = open_image(path, self.processor)
                 except ImageError as error:
                     logger.error("%s: %s", path, error)
-                    results[i] = ImageResult(path, None, error=str(error))
+                    results[i] = ImageResult(path, None, error=str(error), query=asked[i], task=self.task)
                     continue
                 loaded.append((i, image))
-                results[i] = ImageResult(path, None, width, height, query=query)
-            predictions = self.predict([image for _, image in loaded], adapter=adapter, query=query)
+                results[i] = ImageResult(path, None, width, height, query=asked[i], task=self.task)
+            predictions = self.predict([image for _, image in loaded], adapter=adapter,
+                                       query=[asked[i] for i, _ in loaded])
             for (i, _), prediction in zip(loaded, predictions):
                 results[i].prediction = prediction  # type: ignore[union-attr]
             yield from results  # type: ignore[misc]
 
 
 def trained_args(adapter_dir: str | Path) -> dict:
-    """The arguments a run saved beside its model (``bbox_sft_args.json``); empty if there are none."""
-    path = Path(adapter_dir) / "bbox_sft_args.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The fields a run saved beside its model (``bbox_sft_args.json``); empty if there are none."""
+    return SavedRun.read(adapter_dir).fields
 
 
-def trained_answer_format(adapter_dir: str | Path) -> str:
-    """The answer format a run trained with, json if unknown."""
-    return trained_args(adapter_dir).get("answer_format", "json")
-
-
-def trained_labels(adapter_dir: str | Path) -> list[str] | None:
-    """The labels of a list-task run's data; None for subject runs or if unknown."""
-    return trained_args(adapter_dir).get("labels")
+def read_queries(path: str | Path) -> tuple[list[Path], list[str]]:
+    """(image paths, one question each) from a JSON-lines file of ``{"image", "query" or "expression"}``
+    (the refer data format reads as it is; image paths relative to the file)."""
+    path = Path(path)
+    images, queries = [], []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+            image, text = value["image"], value.get("query", value.get("expression"))
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}:{number}: not a JSON object with \"image\" and \"query\" ({error})") from error
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}:{number}: no query (\"query\" or \"expression\") for {image}")
+        images.append(Path(image) if Path(image).is_absolute() else path.parent / image)
+        queries.append(text)
+    return images, queries
 
 
 def image_files(folder: str | Path) -> Iterator[Path]:

@@ -1,4 +1,4 @@
-"""Fine-tune Qwen3-VL with LoRA (or QLoRA, or fully) to answer with the JSON box of an image's main subject.
+"""Fine-tune Qwen3-VL with LoRA (or QLoRA, or fully) to answer with JSON boxes (any task of bbox_sft.tasks).
 
 Usage:
 
@@ -17,11 +17,9 @@ given as the first argument or with ``--config``.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import datasets
@@ -30,9 +28,9 @@ import transformers
 from transformers.trainer_utils import get_last_checkpoint
 from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
 
+from bbox_sft.chat import completion_messages
 from bbox_sft.collator import BoxSFTCollator, add_lengths
 from bbox_sft.configs import BoxScriptArguments
-from bbox_sft.data.coco_builder import dataset_labels, is_list_task, record_objects
 from bbox_sft.data.prepare import load_or_build_dataset
 from bbox_sft.model import (
     check_answer_format,
@@ -44,9 +42,9 @@ from bbox_sft.model import (
     lora_config,
     set_trainable,
 )
-from bbox_sft.objects import format_objects
-from bbox_sft.task import completion_messages, format_answer
-from bbox_sft.validation import BoxSFTTrainer, make_callbacks
+from bbox_sft.saved_run import SavedRun
+from bbox_sft.tasks import Task, get_task
+from bbox_sft.trainer import BoxSFTTrainer, make_callbacks
 
 logger = logging.getLogger("bbox_sft.train")
 
@@ -72,6 +70,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
     ################
     # Every setting takes effect or is refused, before anything is loaded or written
     ################
+    task = get_task(script_args.task)
     setup = detect_device()
     check_model_args(model_args, setup, script_args.train_vision_tower)
     if training_args.remove_unused_columns:
@@ -99,7 +98,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
     if script_args.build_tiny_model and not Path(model_path).exists():
         with training_args.main_process_first(desc="building the tiny model"):
             if not Path(model_path).exists():
-                from bbox_sft.testing import save_tiny_model
+                from bbox_sft.tiny import save_tiny_model
 
                 save_tiny_model(model_path, script_args.tiny_hidden_size, script_args.tiny_layers, training_args.seed)
     check_answer_format(model_path, script_args.answer_format, model_args.model_revision)
@@ -138,15 +137,13 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
             task=script_args.task,
         )
     records = dataset.get(script_args.dataset_train_split)
-    found = records[0]["task"] if records is not None and len(records) and is_list_task(records) else "subject"
-    if records is not None and len(records) and found != script_args.task:
-        raise ValueError(f"task is {script_args.task!r} but {script_args.dataset_name} holds {found!r} records: "
-                         f"set task: {found} (or point dataset_name at a {script_args.task} dataset)")
+    if records is not None:
+        task.check_dataset(records, script_args.dataset_name)
     for split in (script_args.dataset_train_split, script_args.dataset_test_split):
         if split not in dataset or (split == script_args.dataset_train_split and len(dataset[split]) == 0):
             raise ValueError(f"{script_args.dataset_name}: split {split!r} is missing or empty "
                              f"({ {name: len(d) for name, d in dataset.items()} })")
-    dataset = with_answer_format(dataset, script_args.answer_format)
+    dataset = with_answer_format(dataset, script_args.answer_format, task)
     dataset = datasets.DatasetDict({name: add_lengths(split, processor) for name, split in dataset.items()})
     longest = max(max(split["length"], default=0) for split in dataset.values())
     if training_args.max_length is not None and longest > training_args.max_length:
@@ -172,8 +169,8 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
         constrained_decoding=script_args.constrained_decoding,
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
         final_eval_dataset=dataset.get("test"),
-        labels=dataset_labels(dataset[script_args.dataset_train_split]),
-        task=script_args.task,
+        labels=task.labels(dataset[script_args.dataset_train_split]),
+        task=task,
         calibration_dataset=dataset.get(script_args.dataset_test_split),
     )
 
@@ -200,9 +197,7 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.accelerator.is_main_process:
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
-        args_path = Path(training_args.output_dir) / "bbox_sft_args.json"
-        saved = {**asdict(script_args), "labels": trainer.labels}  # answer format, task and labels for predict/eval
-        args_path.write_text(json.dumps(saved, indent=2))
+        SavedRun.write(training_args.output_dir, script_args, trainer.labels)  # what eval and predict read
     logger.info("model saved to %s", training_args.output_dir)
 
     ################
@@ -234,24 +229,15 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     return trainer
 
 
-def with_answer_format(dataset: datasets.DatasetDict, answer_format: str) -> datasets.DatasetDict:
-    """Rewrite ``completion`` from ``box`` (or ``labels`` + ``boxes``) when the dataset was built in another
-    answer format."""
+def with_answer_format(dataset: datasets.DatasetDict, answer_format: str, task: Task | str = "subject"
+                       ) -> datasets.DatasetDict:
+    """Rewrite ``completion`` from each record's target when the dataset was built in another answer format."""
+    task = get_task(task)
     sample = dataset[next(iter(dataset))][0]
-    if "boxes" in sample:  # a list task (objects, phrase)
-        if sample["completion"][0]["content"][0]["text"] == format_objects(record_objects(sample), answer_format):
-            return dataset
-        logger.info("rewriting answers in the %r format", answer_format)
-        return dataset.map(lambda r: {"completion": completion_messages(
-            format_objects(record_objects(r), answer_format))})
-    if sample["completion"][0]["content"][0]["text"] == format_answer(sample["box"], answer_format):
+    if sample["completion"][0]["content"][0]["text"] == task.answer_text(task.target(sample), answer_format):
         return dataset
-
-    def rewrite(box: list[float]) -> dict:
-        return {"completion": completion_messages(format_answer(box, answer_format))}
-
     logger.info("rewriting answers in the %r format", answer_format)
-    return dataset.map(rewrite, input_columns="box")
+    return dataset.map(lambda r: {"completion": completion_messages(task.answer_text(task.target(r), answer_format))})
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[BoxScriptArguments, SFTConfig, ModelConfig]:

@@ -32,8 +32,8 @@ import datasets  # noqa: E402
 import torch  # noqa: E402
 
 from bbox_sft.decoding import ForcedTokenDecoder, generate_answers  # noqa: E402
-from bbox_sft.objects import OBJECTS_INSTRUCTION, parse_objects  # noqa: E402
-from bbox_sft.predict import load_for_inference, trained_answer_format, trained_args, trained_labels  # noqa: E402
+from bbox_sft.predict import load_for_inference  # noqa: E402
+from bbox_sft.saved_run import SavedRun  # noqa: E402
 
 supports = ForcedTokenDecoder.supports
 
@@ -96,11 +96,11 @@ def main() -> None:
         model, processor = load_for_inference(model_dir)
         split = datasets.load_from_disk(args.dataset)["validation"]
         images = list(split.select(range(min(args.images, len(split))))["image"])
-        answer_format, task = trained_answer_format(model_dir), trained_args(model_dir).get("task", "subject")
-        if task not in ("subject", "objects"):
-            parser.error(f"this benchmark asks subject and objects models; {model_dir} is a {task} model")
-        question = {} if task == "subject" else dict(instruction=OBJECTS_INSTRUCTION, parse=parse_objects,
-                                                     labels=trained_labels(model_dir), max_new_tokens=640)
+        run_of = SavedRun.read(model_dir)
+        answer_format, task = run_of.answer_format.name, run_of.task.name
+        if run_of.task.takes_query:
+            parser.error(f"this benchmark asks models without a query; {model_dir} is a {task} model")
+        question = dict(task=run_of.task, labels=run_of.labels)
         other = "qwen" if answer_format == "json" else "json"
         print(f"{len(images)} images, task {task}, answer format {answer_format}, {torch.get_num_threads()} CPU "
               f"threads{', ' + torch.cuda.get_device_name() if torch.cuda.is_available() else ''}")

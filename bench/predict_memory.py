@@ -104,7 +104,7 @@ def main() -> None:
         model = args.model
         if model is None:
             from bbox_sft.model import set_pixel_budget
-            from bbox_sft.testing import save_tiny_model
+            from bbox_sft.tiny import save_tiny_model
 
             model = str(save_tiny_model(Path(tmp) / "tiny", hidden_size=128, layers=2))
             from transformers import AutoProcessor

@@ -30,7 +30,7 @@ from trl import ModelConfig  # noqa: E402
 
 from bbox_sft.collator import BoxSFTCollator  # noqa: E402
 from bbox_sft.model import describe_trainable, lora_config, set_pixel_budget  # noqa: E402
-from bbox_sft.testing import QWEN3_VL_2B_PARAMETERS, build_processor, qwen3_vl_2b_config  # noqa: E402
+from bbox_sft.tiny import QWEN3_VL_2B_PARAMETERS, build_processor, qwen3_vl_2b_config  # noqa: E402
 from bbox_sft.train import main as train_main  # noqa: E402
 from bbox_sft.train import parse_args  # noqa: E402
 

@@ -26,7 +26,7 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Qwen3-VL + processor, saved with save_pretrained (loaded like a Hub model)."""
-    from bbox_sft.testing import save_tiny_model
+    from bbox_sft.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-qwen3-vl", hidden_size=128, layers=2)
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bbox_sft.boxes import Box, box_from_pixels, iou, mask_to_box
-from bbox_sft.task import format_answer, parse_answer, quantize
+from bbox_sft.formats import format_answer, parse_answer, quantize
 
 unit = st.floats(0.0, 1.0, allow_nan=False)
 

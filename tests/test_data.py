@@ -21,7 +21,8 @@ from bbox_sft.boxes import mask_to_box
 from bbox_sft.cli import main
 from bbox_sft.data import PrepareArguments, prepare_dataset
 from bbox_sft.data.splits import assign_splits
-from bbox_sft.task import INSTRUCTION, format_answer, parse_answer
+from bbox_sft.formats import format_answer, parse_answer
+from bbox_sft.tasks.subject import INSTRUCTION
 
 
 def _prepare(data_dir: Path, out: Path, **kwargs) -> datasets.DatasetDict:

@@ -18,11 +18,14 @@ from transformers import AutoModelForImageTextToText, Qwen3VLForConditionalGener
 import bbox_sft.decoding as decoding
 from bbox_sft.calibration import Calibration, auroc, chance_ece, expected_calibration_error
 from bbox_sft.collator import IGNORE_INDEX, BoxSFTCollator, add_lengths
-from bbox_sft.decoding import AnswerGrammar, ForcedTokenDecoder, generate_answers
+from bbox_sft.decoding import ForcedTokenDecoder, generate_answers
+from bbox_sft.grammar import BoxGrammar as AnswerGrammar
 from bbox_sft.model import set_pixel_budget
-from bbox_sft.objects import MAX_OBJECTS, OBJECTS_INSTRUCTION, parse_objects
-from bbox_sft.task import format_answer, parse_native_grounding
-from bbox_sft.testing import build_processor, build_qwen_tokenizer, tiny_config
+from bbox_sft.formats import parse_objects
+from bbox_sft.grammar.lists import MAX_OBJECTS
+from bbox_sft.tasks.objects import INSTRUCTION as OBJECTS_INSTRUCTION
+from bbox_sft.formats import format_answer, parse_native_grounding
+from bbox_sft.tiny import build_processor, build_qwen_tokenizer, tiny_config
 
 
 def _images(box_dataset_dir, n: int = 6) -> list:
@@ -100,7 +103,7 @@ def test_fast_forward_writes_lists_as_generate_does_with_the_list_grammar(answer
     images = _images(box_dataset_dir, 6)
     # empty lists, lists cut short at 150 tokens (where generate cuts them), lists of max_objects items
     kwargs = dict(answer_format=answer_format, batch_size=3, progress=False, instruction=OBJECTS_INSTRUCTION,
-                  parse=parse_objects, labels=["cat", "dog", "traffic light"], max_new_tokens=max_new_tokens)
+                  parse=parse_objects, task="objects", labels=["cat", "dog", "traffic light"], max_new_tokens=max_new_tokens)
     with CountingForwards(model) as fast_count:
         fast = generate_answers(model, processor, images, **kwargs)
     with CountingForwards(model) as reference_count:
@@ -271,7 +274,8 @@ def test_grammar_composes_what_the_real_tokenizer_encodes(answer_format, qwen_pr
 def _records(qwen_processor, n: int = 6) -> list[dict]:
     from PIL import Image
 
-    from bbox_sft.task import completion_messages, prompt_messages
+    from bbox_sft.chat import completion_messages, prompt_messages
+    from bbox_sft.tasks.subject import INSTRUCTION
 
     rng = random.Random(0)
     records = []
@@ -281,7 +285,7 @@ def _records(qwen_processor, n: int = 6) -> list[dict]:
         y0, y1 = sorted(rng.random() for _ in range(2))
         answer = format_answer((x0, y0, x1, y1), rng.choice(["json", "qwen"]))
         records.append({"image": Image.new("RGB", (w, h), (rng.randrange(256), 90, 40)), "width": w, "height": h,
-                        "prompt": prompt_messages(), "completion": completion_messages(answer)})
+                        "prompt": prompt_messages(INSTRUCTION), "completion": completion_messages(answer)})
     return records
 
 
@@ -317,7 +321,7 @@ def test_fast_forward_writes_lists_as_generate_does_on_the_real_tokenizer(qwen_p
     torch.manual_seed(0)
     model = Qwen3VLForConditionalGeneration(tiny_config(qwen_processor.tokenizer, hidden_size=64, layers=1)).eval()
     _lists_on_some_rows(model, qwen_processor.tokenizer)
-    kwargs = dict(batch_size=2, progress=False, instruction=OBJECTS_INSTRUCTION, parse=parse_objects,
+    kwargs = dict(batch_size=2, progress=False, instruction=OBJECTS_INSTRUCTION, parse=parse_objects, task="objects",
                   labels=["cat", "dog", "traffic light", "café"], max_new_tokens=200)
     images = _images(box_dataset_dir, 4)
     fast = generate_answers(model, qwen_processor, images, **kwargs)

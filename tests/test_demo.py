@@ -52,3 +52,23 @@ def test_objects_fast_demo_runs_every_stage_of_the_objects_task(tmp_path: Path) 
     assert len(predictions) == 8 and all(isinstance(p["objects"], list) for p in predictions)
     labels = {o["label"] for p in predictions for o in p["objects"]}
     assert labels <= {"ellipse", "rectangle", "triangle", "star"}, labels
+
+
+def test_refer_fast_demo_runs_every_stage_of_the_refer_task(tmp_path: Path) -> None:
+    """The refer profile in miniature: expressions on 2-3 shapes, base, LoRA, eval rows (with Qwen's RefCOCO
+    wording), predictions for the held-out images' own expressions."""
+    report = run_demo("refer_fast", output_dir=str(tmp_path / "outputs"), data_dir=str(tmp_path / "data"))
+    out, data = tmp_path / "outputs", tmp_path / "data"
+    assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "refer"
+    rows = report["rows"]
+    assert set(rows) == {"adapter", "base (no adapter)", "base, Qwen's RefCOCO prompt", "center prior"}
+    assert rows["adapter"]["parse_rate"] == 1.0
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["task"] == "refer" and "{query}" in metrics["native_prompt"]["instruction"]
+    evaluated = [json.loads(line) for line in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert evaluated and all(line["query"].startswith("the ") for line in evaluated)
+    assert len({line["image_id"] for line in evaluated}) < len(evaluated)  # several expressions per image
+    questions = [json.loads(line) for line in (data / "heldout_b" / "refs.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [p["query"] for p in predictions] == [q["expression"] for q in questions]
+    assert all(p["box"] is not None for p in predictions)

@@ -22,9 +22,10 @@ from transformers import AutoModelForImageTextToText
 import bbox_sft.metrics
 from bbox_sft.calibration import chance_ece
 from bbox_sft.cli import main as cli
-from bbox_sft.decoding import AnswerGrammar, generate_answers
+from bbox_sft.decoding import generate_answers
+from bbox_sft.grammar import BoxGrammar as AnswerGrammar
 from bbox_sft.metrics import box_metrics
-from bbox_sft.task import format_answer, parse_answer
+from bbox_sft.formats import format_answer, parse_answer
 from bbox_sft.train import main as train
 from bbox_sft.train import parse_args
 
@@ -293,7 +294,7 @@ def test_bad_image_bytes_are_caught_by_decode(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_adapter_on_a_base_it_does_not_fit_exits_naming_both(adapter_dir, tmp_path, caplog) -> None:
-    from bbox_sft.testing import save_tiny_model
+    from bbox_sft.tiny import save_tiny_model
 
     other = save_tiny_model(tmp_path / "other-base", hidden_size=64, layers=1)
     code = cli(["predict", "--adapter", str(adapter_dir), "--image", "x.jpg", "--base", str(other)])

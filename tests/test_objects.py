@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from bbox_sft.boxes import Box
 from bbox_sft.detection import detection_metrics, match
-from bbox_sft.objects import LabelledBox, format_objects, ordered, parse_objects
-from bbox_sft.task import quantize
+from bbox_sft.formats import LabelledBox, format_objects, ordered, parse_objects
+from bbox_sft.formats import quantize
 
 LABELS = ["cat", "dog", "traffic light", 'say "cheese"', "café"]
 
@@ -138,7 +138,7 @@ def test_synthetic_coco_set_reads_back_with_tight_boxes(tmp_path) -> None:
 
 def test_tiny_tokenizer_spells_the_list_words_whole() -> None:
     """The tiny model's tokenizer knows the list tasks' words (46 tokens for one object, not 58)."""
-    from bbox_sft.testing import CORPUS_LABELS, build_tokenizer
+    from bbox_sft.tiny import CORPUS_LABELS, build_tokenizer
 
     tokenizer = build_tokenizer()
     for label in CORPUS_LABELS:
@@ -191,9 +191,11 @@ def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it
 
     from bbox_sft.data import PrepareArguments, prepare_dataset
     from bbox_sft.data.coco import read_coco
-    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.tasks import get_task
+    record_objects = get_task("objects").target
     from bbox_sft.data.synthetic import write_synthetic_coco
-    from bbox_sft.objects import OBJECTS_INSTRUCTION, phrase_instruction
+    from bbox_sft.tasks.objects import INSTRUCTION as OBJECTS_INSTRUCTION
+    phrase_instruction = get_task("phrase").instruction
 
     root = write_synthetic_coco(tmp_path / "coco", n=30, seed=5)
     data = json.loads((root / "annotations.json").read_text())
@@ -267,7 +269,8 @@ def objects_run(tiny_model_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_validation_on_objects_logs_the_detection_metrics_of_the_answers_it_wrote(objects_run) -> None:
-    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.tasks import get_task
+    record_objects = get_task("objects").target
 
     out, data = objects_run["out"], objects_run["data"]
     logged = next(e for e in objects_run["trainer"].state.log_history if "eval_f1@0.5" in e)
@@ -326,7 +329,8 @@ def test_predict_lists_objects_readable_by_supervision_and_pycocotools(objects_r
 @pytest.mark.slow
 def test_eval_on_objects_scores_adapter_base_and_prior_rows(objects_run, tmp_path) -> None:
     from bbox_sft.cli import main as cli
-    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.tasks import get_task
+    record_objects = get_task("objects").target
 
     out, data = objects_run["out"], objects_run["data"]
     assert cli(["eval", "--adapter", str(out), "--dataset", str(out.parent / "objects"), "--split", "validation",
@@ -389,7 +393,7 @@ def test_a_recipe_whose_task_does_not_match_the_dataset_is_refused_naming_the_fi
 
 @pytest.fixture(scope="module")
 def tokenizers():
-    from bbox_sft.testing import build_qwen_tokenizer, build_tokenizer
+    from bbox_sft.tiny import build_qwen_tokenizer, build_tokenizer
 
     return {"tiny": build_tokenizer(), "qwen": build_qwen_tokenizer()}
 
@@ -399,7 +403,7 @@ def tokenizers():
 @settings(max_examples=40, deadline=None)
 @given(items=objects(max_size=4))
 def test_the_list_grammar_writes_exactly_what_the_tokenizer_encodes(tokenizers, which, answer_format, items) -> None:
-    from bbox_sft.list_grammar import ListGrammar
+    from bbox_sft.grammar import ListGrammar
 
     tokenizer = tokenizers[which]
     grammar = ListGrammar(tokenizer, LABELS, answer_format, max_objects=4)
@@ -416,7 +420,7 @@ def test_the_list_grammar_writes_exactly_what_the_tokenizer_encodes(tokenizers, 
 @given(data=st.data())
 def test_any_walk_through_the_list_grammar_is_an_ordered_list_of_known_labels(tokenizers, which, answer_format,
                                                                               data) -> None:
-    from bbox_sft.list_grammar import ListGrammar
+    from bbox_sft.grammar import ListGrammar
 
     tokenizer = tokenizers[which]
     grammar = ListGrammar(tokenizer, LABELS, answer_format, max_objects=3)
@@ -464,7 +468,7 @@ def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers
     import torch
 
     from bbox_sft.decoding import decision_logprobs
-    from bbox_sft.list_grammar import ListGrammar
+    from bbox_sft.grammar import ListGrammar
 
     grammar = ListGrammar(tokenizers["tiny"], LABELS, answer_format)
     items = [LabelledBox("cat", Box(0.1, 0.2, 0.3, 0.4)), LabelledBox("dog", Box(0.5, 0.1, 0.9, 0.6))]
@@ -488,7 +492,8 @@ def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers
 
 def test_a_list_dataset_built_in_json_is_rewritten_for_a_qwen_recipe(tmp_path) -> None:
     from bbox_sft.data import PrepareArguments, prepare_dataset
-    from bbox_sft.data.coco_builder import record_objects
+    from bbox_sft.tasks import get_task
+    record_objects = get_task("objects").target
     from bbox_sft.data.synthetic import write_synthetic_coco
     from bbox_sft.train import with_answer_format
 

@@ -71,7 +71,7 @@ def _base(model: Path, data: Path, out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def other_model(tmp_path_factory) -> Path:
-    from bbox_sft.testing import save_tiny_model
+    from bbox_sft.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("other") / "other-tiny", hidden_size=64, layers=1)
 

@@ -172,7 +172,7 @@ def test_a_padded_panorama_gets_the_box_of_its_subject_back_in_its_own_frame(tin
     from transformers import AutoModelForImageTextToText
 
     from bbox_sft.decoding import generate_answers
-    from bbox_sft.task import parse_answer
+    from bbox_sft.formats import parse_answer
 
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     panorama = np.full((20, 8000, 3), 30, np.uint8)

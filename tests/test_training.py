@@ -140,7 +140,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 import bbox_sft.train as train
-import bbox_sft.validation as validation
+import bbox_sft.trainer as validation
 
 generate_answers = validation.generate_answers
 
@@ -206,7 +206,7 @@ def test_two_process_fsdp2_shards_the_model_and_validates_like_one_process(tiny_
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 300), st.integers(1, 9))
 def test_equal_shards_cover_every_index_once(n: int, world: int) -> None:
-    from bbox_sft.validation import equal_shard
+    from bbox_sft.trainer import equal_shard
 
     shards = [equal_shard(n, rank, world) for rank in range(world)]
     assert len({len(padded) for _, padded in shards}) == 1  # every rank runs the same number of batches

@@ -26,8 +26,9 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..boxes import BOX_MODES, Box
-from ..objects import OBJECTS_INSTRUCTION, LabelledBox, format_objects
-from ..task import ANSWER_FORMATS, INSTRUCTION, completion_messages, format_answer, prompt_messages
+from ..formats import ANSWER_FORMATS, LabelledBox
+from ..records import BOX_FEATURES
+from ..tasks import Annotation, get_task
 from .checks import PairCheck, check_pair, image_bytes
 from .sources import Pair, find_archives, find_pairs
 from .splits import SPLITS, assign_splits
@@ -35,23 +36,7 @@ from .splits import SPLITS, assign_splits
 logger = logging.getLogger(__name__)
 MASK_LABEL = "object"  # the objects task from saliency masks: components have no category
 
-_MESSAGES = [
-    {
-        "role": datasets.Value("string"),
-        "content": [{"type": datasets.Value("string"), "text": datasets.Value("string")}],
-    }
-]
-FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "image_id": datasets.Value("string"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "box": datasets.List(datasets.Value("float32"), length=4),
-        "prompt": _MESSAGES,
-        "completion": _MESSAGES,
-    }
-)
+FEATURES = BOX_FEATURES  # the subject records
 
 
 @dataclass
@@ -71,7 +56,7 @@ class SaliencyBoxesConfig(datasets.BuilderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.task not in ("subject", "objects"):
+        if "saliency" not in get_task(self.task).sources:
             raise ValueError(f"saliency masks give the subject or objects task, not {self.task!r}")
         if self.box_mode not in BOX_MODES:
             raise ValueError(f"box_mode must be one of {BOX_MODES}, got {self.box_mode!r}")
@@ -90,11 +75,10 @@ class SaliencyBoxes(datasets.GeneratorBasedBuilder):
     VERSION = datasets.Version("1.0.0")
 
     def _info(self) -> datasets.DatasetInfo:
-        from .coco_builder import OBJECT_FEATURES
-
+        task = get_task(self.config.task)
         return datasets.DatasetInfo(
-            description="Main-subject bounding boxes from saliency masks; " + INSTRUCTION,
-            features=FEATURES if self.config.task == "subject" else OBJECT_FEATURES,
+            description=f"{task.title} boxes from saliency masks; " + task.instruction(),
+            features=task.features,
             citation=DUTS_CITATION,
         )
 
@@ -142,28 +126,19 @@ class SaliencyBoxes(datasets.GeneratorBasedBuilder):
         return list(progress(map(work, pairs)))
 
     def _generate_examples(self, records: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
-        answer_format = self.config.answer_format
+        task, answer_format = get_task(self.config.task), self.config.answer_format
         for record in records:
-            if self.config.task == "objects":  # every kept component, labelled "object"
-                objects = [LabelledBox(MASK_LABEL, Box(*b)) for b in record["boxes"]]
-                yield record["image_id"], {
+            # the main subject's box, and every kept component labelled "object" (the objects task)
+            annotation = Annotation(objects=tuple(LabelledBox(MASK_LABEL, Box(*b)) for b in record["boxes"]),
+                                    main=record["box"])
+            for example in task.examples(record["image_id"], annotation, [MASK_LABEL]):
+                yield example.key, {
                     "image": image_bytes(record["path"], record["reencode"]),
-                    "image_id": record["image_id"], "width": record["width"], "height": record["height"],
-                    "task": "objects", "query": "", "labels": [MASK_LABEL] * len(objects),
-                    "boxes": [list(o.box) for o in objects], "prompt": prompt_messages(OBJECTS_INSTRUCTION),
-                    "completion": completion_messages(format_objects(objects, answer_format)),
+                    "image_id": record["image_id"],
+                    "width": record["width"],
+                    "height": record["height"],
+                    **task.record(example.query, example.target, answer_format),
                 }
-                continue
-            box = record["box"]
-            yield record["image_id"], {
-                "image": image_bytes(record["path"], record["reencode"]),
-                "image_id": record["image_id"],
-                "width": record["width"],
-                "height": record["height"],
-                "box": list(box),
-                "prompt": prompt_messages(),
-                "completion": completion_messages(format_answer(box, answer_format)),
-            }
 
 
 def _record_plan(pair: Pair, check: PairCheck) -> dict[str, Any]:

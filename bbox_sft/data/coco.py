@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..boxes import Box
-from ..objects import LabelledBox
+from ..formats import LabelledBox
 
 
 class CocoFormatError(ValueError):

@@ -29,29 +29,16 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
-from ..objects import MAX_OBJECTS, OBJECTS_INSTRUCTION, LabelledBox, format_objects, phrase_instruction
-from ..task import ANSWER_FORMATS, completion_messages, prompt_messages
-from .builder import _MESSAGES
+from ..formats import ANSWER_FORMATS
+from ..grammar.lists import MAX_OBJECTS
+from ..records import OBJECT_FEATURES
+from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
 from .coco import CocoImage, load_coco_json, read_coco
-from .splits import SPLITS, assign_splits, hash_unit
+from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
 
-OBJECT_FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "image_id": datasets.Value("string"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "task": datasets.Value("string"),
-        "query": datasets.Value("string"),  # the category a phrase record asks for ("" for objects)
-        "labels": datasets.List(datasets.Value("string")),
-        "boxes": datasets.List(datasets.List(datasets.Value("float32"), length=4)),
-        "prompt": _MESSAGES,
-        "completion": _MESSAGES,
-    }
-)
 ANNOTATION_NAMES = ("annotations.json", "_annotations.coco.json")
 
 
@@ -101,7 +88,7 @@ class CocoBoxesConfig(datasets.BuilderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.task not in ("objects", "phrase"):
+        if "detection" not in get_task(self.task).sources:
             raise ValueError(f"task must be objects or phrase for COCO data, got {self.task!r}")
         if self.answer_format not in ANSWER_FORMATS:
             raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
@@ -180,51 +167,21 @@ class CocoBoxes(datasets.GeneratorBasedBuilder):
     def _plans(image: CocoImage, check, categories: list[str], config: CocoBoxesConfig) -> list[dict[str, Any]]:
         common = {"image_id": image.image_id, "path": image.path, "reencode": check.reencode,
                   "width": check.width, "height": check.height}
-        if config.task == "objects":
-            return [{**common, "key": image.image_id, "query": "", "objects": list(image.objects)}]
-        present = sorted({o.label for o in image.objects})
-        absent = sorted((c for c in categories if c not in present),
-                        key=lambda c: hash_unit(f"{image.image_id}:{c}", config.seed))[: config.absent_per_image]
-        return [{**common, "key": f"{image.image_id}:{label}", "query": label,
-                 "objects": [o for o in image.objects if o.label == label]} for label in sorted(present + absent)]
+        examples = get_task(config.task).examples(image.image_id, Annotation(objects=tuple(image.objects)),
+                                                  categories, config.absent_per_image, config.seed)
+        return [{**common, "key": e.key, "query": e.query, "objects": e.target} for e in examples]
 
     def _generate_examples(self, plans: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
         config: CocoBoxesConfig = self.config
+        task = get_task(config.task)
         for plan in plans:
-            objects: list[LabelledBox] = plan["objects"]
-            instruction = phrase_instruction(plan["query"]) if config.task == "phrase" else OBJECTS_INSTRUCTION
             yield plan["key"], {
                 "image": image_bytes(plan["path"], plan["reencode"]),
                 "image_id": plan["image_id"],
                 "width": plan["width"],
                 "height": plan["height"],
-                "task": config.task,
-                "query": plan["query"],
-                "labels": [o.label for o in objects],
-                "boxes": [list(o.box) for o in objects],
-                "prompt": prompt_messages(instruction),
-                "completion": completion_messages(format_objects(objects, config.answer_format)),
+                **task.record(plan["query"], plan["objects"], config.answer_format),
             }
-
-
-def is_list_task(dataset) -> bool:
-    """Whether records hold lists of labelled boxes (objects, phrase) rather than one box (subject)."""
-    return "boxes" in dataset.column_names
-
-
-def dataset_labels(dataset) -> list[str] | None:
-    """The labels a list-task dataset's answers may hold (its boxes' labels and asked categories); None for subject."""
-    if not is_list_task(dataset):
-        return None
-    queries = [q for q in dataset["query"] if q]
-    return sorted({label for labels in dataset["labels"] for label in labels} | set(queries))
-
-
-def record_objects(record: dict[str, Any]) -> list[LabelledBox]:
-    """The labelled boxes a record holds (its truth)."""
-    from ..boxes import Box
-
-    return [LabelledBox(label, Box(*box)) for label, box in zip(record["labels"], record["boxes"])]
 
 
 def coco_summary_line(report: dict[str, Any]) -> str:

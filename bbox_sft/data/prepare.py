@@ -6,19 +6,62 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
 
-from ..hub import dataset_card, objects_dataset_card, push_or_explain
-from ..visualize import GREEN, draw_boxes, image_grid
-from .builder import DUTS_CITATION, FEATURES, SaliencyBoxes, summary_line
-from .coco_builder import OBJECT_FEATURES, CocoBoxes, coco_summary_line, has_coco
+from ..hub import dataset_card, objects_dataset_card, push_or_explain, refer_dataset_card
+from ..tasks import get_task
+from ..visualize import image_grid
+from .builder import DUTS_CITATION, SaliencyBoxes, summary_line
+from .coco_builder import CocoBoxes, coco_summary_line, has_coco
+from .refer import ReferBoxes, has_refer, refer_summary_line
+from .sources import find_archives, find_pairs
 from .splits import SPLITS
 
 logger = logging.getLogger(__name__)
 REPORT_NAME = "build_report.json"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data layout: how to tell it is there, what it looks like, and what builds, reports and cards it."""
+
+    found: Callable[[str], bool]
+    layout: str
+    builder: type
+    summary: Callable[[dict], str]
+    card: Callable[[dict], str]
+
+
+def _has_saliency(data_dir: str) -> bool:
+    return Path(data_dir).is_dir() and bool(find_archives(data_dir) or find_pairs([data_dir])[0])
+
+
+SOURCES: dict[str, Source] = {
+    "saliency": Source(_has_saliency, "DUTS-TR.zip / DUTS-TE.zip, DUTS-*/DUTS-*-Image + DUTS-*-Mask folders, or "
+                                      "images/ + masks/ folders", SaliencyBoxes, summary_line,
+                       lambda report: dataset_card(report, DUTS_CITATION)),
+    "detection": Source(has_coco, "a COCO annotation file (annotations.json, _annotations.coco.json or "
+                                  "annotations/instances_*.json) and its images", CocoBoxes, coco_summary_line,
+                        objects_dataset_card),
+    "refer": Source(has_refer, "a JSON-lines file of {image, expression, bbox} (refs.jsonl), or a datasets "
+                               "dataset with image, expression and bbox columns", ReferBoxes, refer_summary_line,
+                    refer_dataset_card),
+}
+
+
+def find_source(task_name: str, data_dir: str) -> str:
+    """The first of the task's data layouts found in ``data_dir``; an error listing them if none is."""
+    task = get_task(task_name)
+    found = next((s for s in task.sources if SOURCES[s].found(data_dir)), None)
+    if found is None:
+        layouts = "; or ".join(SOURCES[s].layout for s in task.sources)
+        raise FileNotFoundError(f"{data_dir}: no images found for the {task.name} task. Expected {layouts} "
+                                "(bbox-sft prepare --download_help shows the saliency layouts).")
+    return found
 
 
 @dataclass
@@ -38,7 +81,8 @@ class PrepareArguments:
         "help": "components mode, and the objects task from masks: a component's least area vs the largest."})
     answer_format: str = field(default="json", metadata={"help": "json | qwen"})
     task: str = field(default="subject", metadata={
-        "help": "subject (one box, from masks) | objects (every object) | phrase (the objects a prompt names)"})
+        "help": "subject (one box, from masks) | objects (every object) | phrase (the objects a prompt names) | "
+                "refer (the object a description picks out)"})
     absent_per_image: int = field(default=1, metadata={
         "help": "phrase: categories an image does not hold asked per image (answer [])."})
     num_proc: int = field(default=1, metadata={"help": "Processes that read masks and write records."})
@@ -49,30 +93,25 @@ class PrepareArguments:
 def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
     """Build, save to ``args.output_dir`` with its report and card, then draw and push if asked."""
     output_dir = Path(args.output_dir)
-    sizes = dict(answer_format=args.answer_format, train_size=args.train_size, val_size=args.val_size,
-                 test_size=args.test_size, seed=args.seed, num_proc=args.num_proc)
-    from_masks = args.task == "subject" or (args.task == "objects" and not has_coco(args.data_dir))
-    features, citation, summary = FEATURES, DUTS_CITATION, summary_line
-    if args.task != "subject":
-        features = OBJECT_FEATURES
-    if not from_masks:
-        citation, summary = "", coco_summary_line
+    task = get_task(args.task)
+    source = SOURCES[find_source(task.name, args.data_dir)]
+    data_dir = args.data_dir if not Path(args.data_dir).exists() else str(Path(args.data_dir).resolve())
+    options = dict(answer_format=args.answer_format, train_size=args.train_size, val_size=args.val_size,
+                   test_size=args.test_size, seed=args.seed, num_proc=args.num_proc, task=task.name)
+    if source.builder is SaliencyBoxes:
+        options.update(box_mode=args.box_mode, threshold=args.threshold, min_fraction=args.min_fraction)
+    elif source.builder is CocoBoxes:
+        options.update(absent_per_image=args.absent_per_image)
     # a fresh cache each time: the builder's cache key does not see files added to data_dir
     with tempfile.TemporaryDirectory(prefix="bbox_sft_build_") as cache_dir:
-        if from_masks:  # subject boxes, or (objects) every mask component labelled "object"
-            builder = SaliencyBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()),
-                                    box_mode=args.box_mode, threshold=args.threshold,
-                                    min_fraction=args.min_fraction, task=args.task, **sizes)
-        else:
-            builder = CocoBoxes(cache_dir=cache_dir, data_dir=str(Path(args.data_dir).resolve()), task=args.task,
-                                absent_per_image=args.absent_per_image, **sizes)
+        builder = source.builder(cache_dir=cache_dir, data_dir=data_dir, **options)
         builder.download_and_prepare(num_proc=args.num_proc if args.num_proc > 1 else None)
         dataset = builder.as_dataset()
         empty = [split for split in SPLITS if split not in dataset]
         for split in empty:
             logger.warning("split %r is empty (asked for %d, %d usable images left for it)", split,
                            builder.report["requested_sizes"][split], builder.report["split_sizes"][split])
-            dataset[split] = datasets.Dataset.from_dict({k: [] for k in features}, features=features)
+            dataset[split] = datasets.Dataset.from_dict({k: [] for k in task.features}, features=task.features)
         dataset = datasets.DatasetDict({split: dataset[split] for split in SPLITS})
         if output_dir.exists():
             shutil.rmtree(output_dir)
@@ -80,29 +119,22 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
         dataset.save_to_disk(str(output_dir), num_shards={split: 1 for split in empty} or None)
     report = {**builder.report, "empty_splits": empty}
     (output_dir / REPORT_NAME).write_text(json.dumps(report, indent=2))
-    card = dataset_card(report, citation) if from_masks else objects_dataset_card(report)
-    (output_dir / "README.md").write_text(card)
-    logger.info(summary(report))
+    (output_dir / "README.md").write_text(source.card(report))
+    logger.info(source.summary(report))
     logger.info("saved to %s (report: %s)", output_dir, output_dir / REPORT_NAME)
     if args.visualize:
         shown = next((dataset[s] for s in SPLITS if len(dataset[s])), dataset["train"])
-        logger.info("preview: %s", save_dataset_grid(shown, output_dir / "preview.png"))
+        logger.info("preview: %s", save_dataset_grid(shown, output_dir / "preview.png", task))
     if args.push_to_hub:
         push_dataset(dataset, args.push_to_hub, output_dir)
     return dataset
 
 
-def save_dataset_grid(split: datasets.Dataset, path: Path, n: int = 16) -> Path:
-    """PNG grid of the first ``n`` images with their boxes (green)."""
+def save_dataset_grid(split: datasets.Dataset, path: Path, task, n: int = 16) -> Path:
+    """PNG grid of the first ``n`` images with their boxes (green), captioned by the task."""
+    task = get_task(task)
     rows = split.select(range(min(n, len(split))))
-    if "boxes" in split.column_names:  # objects / phrase records: every box, labelled in the caption
-        images = [draw_boxes(r["image"], [(b, GREEN) for b in r["boxes"]],
-                             caption=(f"{r['query']}: " if r["query"] else "") + ", ".join(r["labels"])[:40])
-                  for r in rows]
-        image_grid(images).save(path)
-        return path
-    images = [draw_boxes(r["image"], [(r["box"], GREEN)], caption=r["image_id"][-12:]) for r in rows]
-    image_grid(images).save(path)
+    image_grid([task.draw(r["image"], task.target(r), None, caption=task.preview_caption(r)) for r in rows]).save(path)
     return path
 
 
@@ -134,10 +166,10 @@ def load_or_build_dataset(
         return datasets.load_from_disk(str(path))
     if data_dir is not None:
         if not Path(data_dir).exists() and synthetic_images > 0:
-            from .synthetic import write_synthetic_coco, write_synthetic_set
+            from .synthetic import write_synthetic
 
-            write = write_synthetic_set if build_kwargs.get("task", "subject") == "subject" else write_synthetic_coco
-            write(data_dir, n=synthetic_images, seed=synthetic_seed, domain=synthetic_domain)
+            write_synthetic(get_task(build_kwargs.get("task", "subject")).sources, data_dir, n=synthetic_images,
+                            seed=synthetic_seed, domain=synthetic_domain)
         if not Path(data_dir).exists():
             raise FileNotFoundError(f"data_dir {data_dir} does not exist (needed to build {dataset_name})")
         return prepare_dataset(PrepareArguments(data_dir=data_dir, output_dir=dataset_name, **build_kwargs))

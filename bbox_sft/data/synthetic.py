@@ -221,3 +221,64 @@ def write_synthetic_coco(output_dir: str | Path, n: int = 300, seed: int = 0, do
                                                        "categories": categories}))
     logger.info("wrote %d %s images with %d objects to %s", n, domain, len(annotations), root)
     return root
+
+
+# --- refer: several named shapes per image, each described by its attributes ---------------------
+
+COLOUR_NAMES = {"ellipse": "red", "rectangle": "green", "triangle": "blue", "star": "yellow"}  # OBJECT_HUES
+
+
+def describe(objects: list[tuple[str, tuple[int, int, int, int]]], index: int, rng: np.random.Generator) -> str:
+    """A referring expression for ``objects[index]`` from its attributes: colour, shape, and the size or
+    position that tells it from the other shapes of its kind ("the small red ellipse", "the star on the
+    left"); the colour is left out at times (the shape names it too)."""
+    label, (x, y, w, h) = objects[index]
+    colour = f"{COLOUR_NAMES[label]} " if rng.random() < 0.6 else ""
+    same = [box for i, (other, box) in enumerate(objects) if other == label and i != index]
+    if not same:
+        return f"the {colour}{label}"
+    area, areas = w * h, [bw * bh for _, _, bw, bh in same]
+    if area > 1.5 * max(areas):
+        return f"the large {colour}{label}"
+    if 1.5 * area < min(areas):
+        return f"the small {colour}{label}"
+    cx, cy = x + w / 2, y + h / 2
+    centres = [(bx + bw / 2, by + bh / 2) for bx, by, bw, bh in same]
+    gaps = {"on the left": min(ox for ox, _ in centres) - cx, "on the right": cx - max(ox for ox, _ in centres),
+            "at the top": min(oy for _, oy in centres) - cy, "at the bottom": cy - max(oy for _, oy in centres)}
+    where = max(gaps, key=gaps.get)
+    return f"the {colour}{label} {where}" if gaps[where] > 0 else f"the {colour}{label} in the middle"
+
+
+def write_synthetic_refer(output_dir: str | Path, n: int = 300, seed: int = 0, domain: Domain = "plain",
+                          max_objects: int = 3, min_objects: int = 2, scale: tuple[float, float] = (0.14, 0.3)
+                          ) -> Path:
+    """``n`` images with ``min_objects``..``max_objects`` shapes under ``output_dir/images``, and
+    ``output_dir/refs.jsonl``: one line per shape with its expression and COCO box (``[x, y, w, h]`` px).
+    At least two shapes per image (fewer only where no free place was found), so the expression matters."""
+    root = Path(output_dir)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in trange(n, desc=f"Writing {domain} refer images", unit="img"):
+        img, objects = make_objects_sample(rng, domain, max_objects, min_objects, scale)
+        name = f"refer_{seed}_{i:06d}.jpg"
+        cv2.imwrite(str(root / "images" / name), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        for k, (_, box) in enumerate(objects):
+            lines.append(json.dumps({"image": f"images/{name}", "expression": describe(objects, k, rng),
+                                     "bbox": list(box)}))
+    (root / "refs.jsonl").write_text("\n".join(lines) + "\n")
+    logger.info("wrote %d %s images with %d expressions to %s", n, domain, len(lines), root)
+    return root
+
+
+SYNTHETIC_WRITERS = {"saliency": write_synthetic_set, "detection": write_synthetic_coco, "refer": write_synthetic_refer}
+
+
+def write_synthetic(sources: tuple[str, ...], output_dir: str | Path, n: int = 300, seed: int = 0,
+                    domain: Domain = "plain", **shapes) -> Path:
+    """A synthetic set in the first of a task's data ``sources`` that has a writer; ``shapes`` (max_objects,
+    min_objects, scale) go to the writers of several shapes per image, None meaning their default."""
+    source = next(s for s in sources if s in SYNTHETIC_WRITERS)
+    options = {k: v for k, v in shapes.items() if v is not None} if source != "saliency" else {}
+    return SYNTHETIC_WRITERS[source](output_dir, n=n, seed=seed, domain=domain, **options)

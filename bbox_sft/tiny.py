@@ -25,8 +25,8 @@ from transformers import (
 )
 
 from .boxes import Box
-from .objects import OBJECTS_INSTRUCTION, LabelledBox, format_objects, phrase_instruction
-from .task import INSTRUCTION, format_answer
+from .formats import LabelledBox, format_answer, format_objects
+from .tasks import get_task
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,10 @@ def _corpus(n: int = 3000, seed: int = 0) -> list[str]:
     labelled boxes), chat markup. Without the list tasks' words in it, "label" and "rectangle" would be
     spelled a few bytes at a time (58 tokens for one object instead of 46)."""
     rng = random.Random(seed)
-    texts = [INSTRUCTION, OBJECTS_INSTRUCTION, "user\n", "assistant\n", "system\n", "You are a helpful assistant.",
-             "\n", *(phrase_instruction(label) for label in CORPUS_LABELS)]
+    # the tokenizer is kept as it was trained before the refer task: its words are spelled from these pieces
+    texts = [get_task("subject").instruction(), get_task("objects").instruction(), "user\n", "assistant\n",
+             "system\n", "You are a helpful assistant.", "\n", *(get_task("phrase").instruction(label)
+                                                                     for label in CORPUS_LABELS)]
     for _ in range(n):
         answer_format = rng.choice(["json", "qwen"])
         texts.append(format_answer(_random_box(rng), answer_format))

@@ -1,9 +1,9 @@
-"""Generation-based validation during training: the model writes boxes, and IoU scores them.
+"""The trainer: TRL's ``SFTTrainer`` plus generation-based validation (the model writes boxes, the task scores them).
 
 Loss alone does not say whether the boxes are right. :class:`BoxSFTTrainer` is TRL's
 ``SFTTrainer`` whose evaluation also generates answers for (a fixed subset of) the validation
-split and adds ``eval_mean_iou``, ``eval_median_iou``, ``eval_success@0.5``, ``eval_success@0.75``
-and ``eval_parse_rate`` to the metrics *before* they are logged. So ``report_to`` backends,
+split and adds the task's metrics (``eval_mean_iou``, ``eval_success@0.5``, ... for one box;
+``eval_f1@0.5``, ``eval_map``, ... for lists) to the metrics *before* they are logged. So ``report_to`` backends,
 ``metric_for_best_model: eval_mean_iou`` with ``load_best_model_at_end``, and early stopping all
 see them unchanged. (A ``TrainerCallback.on_evaluate`` runs after the Trainer has logged, which is
 why this hooks ``evaluation_loop`` instead.)
@@ -28,13 +28,11 @@ from trl.models import unwrap_model_for_generation
 
 from .boxes import iou
 from .calibration import Calibration, confidence_metrics, fit_from_predictions
-from .data.coco_builder import is_list_task, record_objects
+from .chat import instruction_of
 from .decoding import Prediction, generate_answers
-from .detection import detection_metrics
 from .hub import write_model_card
-from .metrics import box_metrics
-from .objects import parse_objects
-from .visualize import save_box_grid, save_objects_grid
+from .tasks import Task, get_task
+from .visualize import image_grid
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +54,9 @@ class BoxSFTTrainer(SFTTrainer):
         answer_format: str = "json",
         constrained_decoding: bool = True,
         grid_images: int = 16,
-        list_max_new_tokens: int = 640,
+        list_max_new_tokens: int | None = None,
         labels: list[str] | None = None,
-        task: str = "subject",
+        task: str | Task = "subject",
         card_info: dict[str, Any] | None = None,
         final_eval_dataset=None,
         calibration_dataset=None,
@@ -74,7 +72,7 @@ class BoxSFTTrainer(SFTTrainer):
         self.grid_images = grid_images
         self.list_max_new_tokens = list_max_new_tokens
         self.labels = labels  # list tasks: the labels constrained decoding allows
-        self.task = task
+        self.task = get_task(task)
         self.card_info = card_info or {}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
@@ -95,26 +93,18 @@ class BoxSFTTrainer(SFTTrainer):
     def generate_box_metrics(self, dataset, prefix: str = "eval") -> dict[str, float]:
         """Generate on this rank's shard of the subset, gather, score; write the grid on the main process.
 
-        With a calibration (fitted at the end of training) the metrics also hold the AUROC and the
-        expected calibration error of the box confidence. For the list tasks (records with
-        ``boxes``) the metrics are :func:`~bbox_sft.detection.detection_metrics` (``eval_f1@0.5``,
-        ``eval_map``, ...).
+        The metrics are the task's (:meth:`~bbox_sft.tasks.base.Task.score`). With a calibration
+        (fitted at the end of training) they also hold the AUROC and the expected calibration error of
+        the box confidence.
         """
+        task = self.task
         n = len(dataset) if self.box_eval_samples == 0 else min(self.box_eval_samples, len(dataset))
         predictions = self.generate_gathered(dataset, n)
-        if is_list_task(dataset):
-            shown = dataset.select(range(n))
-            truth = [record_objects(r) for r in shown]
-            found, scores = [p.objects for p in predictions], [p.object_scores for p in predictions]
-            metrics = {f"{prefix}_{k}": v for k, v in detection_metrics(found, truth, scores).items()}
-            if self.accelerator.is_main_process:
-                self._write_grid(dataset, predictions, metrics, prefix)
-            return metrics
-        references = dataset.select(range(n))["box"]
-        boxes = [p.box for p in predictions]
-        metrics = {f"{prefix}_{k}": v for k, v in box_metrics(boxes, references).items()}
+        truths = [task.target(r) for r in dataset.select(range(n))]
+        answers, scores = [task.answer(p) for p in predictions], [task.scores(p) for p in predictions]
+        metrics = {f"{prefix}_{k}": v for k, v in task.score(answers, truths, scores).items()}
         if self.calibration is not None:
-            ious = [iou(b, r) for b, r in zip(boxes, references)]
+            ious = [iou(b, r) for b, r in zip(answers, truths)]
             confidences = [p.confidence for p in predictions]
             metrics.update({f"{prefix}_{k}": v for k, v in confidence_metrics(confidences, ious).items()})
         if self.accelerator.is_main_process:
@@ -127,17 +117,17 @@ class BoxSFTTrainer(SFTTrainer):
         Every rank gets a shard of the same size (the last ones padded with repeats, dropped after the
         gather) and generates under TRL's ``unwrap_model_for_generation``: under FSDP or ZeRO-3 every
         rank must take part in every forward pass, so equal shards and ``synced_gpus`` keep them in step.
+        Each record asks its own question (its prompt); list answers may name any trained label.
         """
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         shard, padded = equal_shard(n, rank, world)
         rows = dataset.select(padded)
         sharded = world > 1 and (self.is_fsdp_enabled or self.is_deepspeed_enabled)
-        options = dict(answer_format=self.answer_format, constrained=self.constrained_decoding,
+        options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained_decoding,
                        batch_size=self.args.per_device_eval_batch_size, progress=self.accelerator.is_main_process,
-                       synced_gpus=sharded, calibration=self.calibration)
-        if is_list_task(dataset):  # the question is in each record; answers read as labelled boxes
-            options.update(instruction=[p[0]["content"][1]["text"] for p in rows["prompt"]], parse=parse_objects,
-                           labels=self.labels, calibration=None, max_new_tokens=self.list_max_new_tokens)
+                       synced_gpus=sharded, calibration=self.calibration if self.task.calibrates else None,
+                       instruction=[instruction_of(p) for p in rows["prompt"]], labels=self.labels,
+                       max_new_tokens=self.list_max_new_tokens if self.task.answers_list else None)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             predictions = generate_answers(model, self.processing_class, list(rows["image"]), **options)
         mine = list(zip(shard, predictions))  # the padding is left out here
@@ -152,15 +142,15 @@ class BoxSFTTrainer(SFTTrainer):
         Every rank generates its shard and fits the same calibration from the gathered predictions.
         """
         dataset = self.calibration_dataset
-        if dataset is not None and is_list_task(dataset):
-            logger.info("box confidence: not calibrated for the list tasks")
+        if not self.task.calibrates:
+            logger.info("box confidence: not calibrated for the %s task", self.task.name)
             return None
         if dataset is None or len(dataset) == 0 or not self.constrained_decoding:
             logger.warning("box confidence not calibrated: %s", "constrained decoding is off"
                            if dataset is not None and len(dataset) else "no validation split")
             return None
         predictions = self.generate_gathered(dataset, len(dataset))
-        self.calibration = fit_from_predictions(predictions, dataset["box"])
+        self.calibration = fit_from_predictions(predictions, [self.task.target(r) for r in dataset])
         if self.calibration is not None and self.accelerator.is_main_process:
             path = self.calibration.save(self.args.output_dir)
             logger.info("box confidence calibrated on %d validation images (hit rate %.2f): %s",
@@ -170,17 +160,15 @@ class BoxSFTTrainer(SFTTrainer):
     def _write_grid(self, dataset, predictions: list[Prediction], metrics: dict[str, float],
                     prefix: str = "eval") -> None:
         folder = Path(self.args.output_dir) / "validation"
-        step = self.state.global_step
+        folder.mkdir(parents=True, exist_ok=True)
+        step, task = self.state.global_step, self.task
         shown = dataset.select(range(min(self.grid_images, len(predictions))))
         name = f"step-{step:06d}.png" if prefix == "eval" else f"{prefix}-step-{step:06d}.png"
-        if is_list_task(dataset):
-            save_objects_grid([(r["image"], record_objects(r), p.objects or [], r["query"] or None)
-                               for r, p in zip(shown, predictions)], folder / name)
-        else:
-            save_box_grid([(r["image"], r["box"], p.box, None) for r, p in zip(shown, predictions)], folder / name)
+        image_grid([task.draw(r["image"], task.target(r), task.answer(p), task.caption(r, p))
+                    for r, p in zip(shown, predictions)]).save(folder / name)
         record = {"step": step, "split": prefix, **metrics,
                   "answers": [p.raw for p in predictions[: self.grid_images]]}
-        if is_list_task(dataset):  # what mAP ranked the boxes by
+        if task.answers_list:  # what mAP ranked the boxes by
             record["object_scores"] = [p.object_scores for p in predictions[: self.grid_images]]
         with open(folder / "history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -191,7 +179,7 @@ class BoxSFTTrainer(SFTTrainer):
         if not self.is_world_process_zero():
             return
         metrics, source = self.saved_model_metrics()
-        key = "test_mean_iou" if self.task == "subject" else "test_f1@0.5"
+        key = self.task.metric_for_best_model.replace("eval_", "test_", 1)
         tests = [e for e in self.state.log_history if key in e]
         write_model_card(
             self.args.output_dir,
@@ -210,7 +198,7 @@ class BoxSFTTrainer(SFTTrainer):
 
         With ``load_best_model_at_end`` that is the best checkpoint's evaluation, not the last one.
         """
-        key = "eval_mean_iou" if self.task == "subject" else "eval_f1@0.5"
+        key = self.task.metric_for_best_model
         evals = [e for e in self.state.log_history if key in e]
         best = self.state.best_model_checkpoint
         if self.args.load_best_model_at_end and best:

@@ -1,12 +1,10 @@
 """Constrained decoding for the list tasks: only well-formed lists of the dataset's labels can be written.
 
-An answer of ``objects`` / ``phrase`` (:mod:`bbox_sft.objects`) is numbers joined by *connectors*:
-the text between two numbers, or before the first and after the last. There are few of them:
-
-- ``json``: ``[]`` or ``[{"label": "L", "x_min": `` to start; ``, "y_min": ``, ``, "x_max": ``,
-  ``, "y_max": `` inside an item; ``}]`` or ``}, {"label": "L", "x_min": `` after it;
-- ``qwen``: ``[]`` or ``[{"bbox_2d": [`` to start; ``, `` inside; ``], "label": "L"}]`` or
-  ``], "label": "L"}, {"bbox_2d": [`` after it.
+A list answer (:meth:`~bbox_sft.formats.AnswerFormat.list_pieces`) is numbers joined by *connectors*:
+the text between two numbers, or before the first and after the last. There are few of them, all
+read from the answer format: the list's opening (``[]``, or ``[`` and the first item's head), the
+text between an item's numbers, and after an item (its tail, then ``]`` or the separator and the
+next item's head). Labels appear in the heads (json) or the tails (qwen).
 
 Each connector is tokenized as a whole (a digit is always a token of its own, so the text around the
 numbers tokenizes the same in context; checked at start-up on sample answers) and the connectors
@@ -23,10 +21,17 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .boxes import Box
-from .decoding import AnswerGrammar, TokenGrammar
-from .objects import MAX_OBJECTS, LabelledBox, format_objects, ordered
-from .task import DECIMALS, grid_values
+from ..boxes import Box
+from ..formats import LIST_CLOSE, LIST_OPEN, LIST_SEPARATOR, AnswerFormat, LabelledBox, get_format
+from .base import TokenGrammar
+from .box import BoxGrammar
+
+MAX_OBJECTS = 20
+
+
+def _unique(texts: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``texts`` without repeats, in first-seen order (a connector that does not depend on the label)."""
+    return list(dict.fromkeys(texts))
 
 
 @dataclass
@@ -66,35 +71,27 @@ class ListGrammar(TokenGrammar):
 
     scores_decisions = True  # each object's score comes from the decisions that wrote it
 
-    def __init__(self, tokenizer, labels: Sequence[str], answer_format: str = "json",
+    def __init__(self, tokenizer, labels: Sequence[str], answer_format: str | AnswerFormat = "json",
                  max_objects: int = MAX_OBJECTS) -> None:
         if not labels:
             raise ValueError("constrained list decoding needs the dataset's labels")
-        self.numbers = AnswerGrammar(tokenizer, answer_format)  # digits, the dot and the number rules
-        self.answer_format, self.labels, self.max_objects = answer_format, sorted(set(labels)), max_objects
-        self.eos = self.numbers.eos
-        encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-        names = {label: json.dumps(label, ensure_ascii=False) for label in self.labels}
-        if answer_format == "json":
-            head = {label: '{"label": ' + name + ', "x_min": ' for label, name in names.items()}
-            start = [("[]", "eos")] + [("[" + head[label], "number") for label in self.labels]
-            after = [("}]", "eos")] + [("}, " + head[label], "number") for label in self.labels]
-            inner = [', "y_min": ', ', "x_max": ', ', "y_max": ']
-            self.after_end = _trie([(encode("}]"), "eos")])
-        else:
-            start = [("[]", "eos"), ('[{"bbox_2d": [', "number")]
-            tail = {label: '], "label": ' + name + "}" for label, name in names.items()}
-            after = [(tail[label] + "]", "eos") for label in self.labels] + [
-                (tail[label] + ', {"bbox_2d": [', "number") for label in self.labels]
-            inner = [", ", ", ", ", "]
-            self.after_end = _trie([(encode(tail[label] + "]"), "eos") for label in self.labels])
+        self.format = get_format(answer_format)
+        self.numbers = BoxGrammar(tokenizer, self.format)  # digits, the dot and the number rules
+        self.answer_format, self.labels, self.max_objects = self.format.name, sorted(set(labels)), max_objects
+        self.eos, self.char_of, self.dot = self.numbers.eos, self.numbers.char_of, self.numbers.dot
+        encode = self.numbers.encode
+        fmt, names = self.format, [json.dumps(label, ensure_ascii=False) for label in self.labels]
+        start = _unique([(LIST_OPEN + LIST_CLOSE, "eos")] + [(LIST_OPEN + fmt.head(n), "number") for n in names])
+        ends = _unique([(fmt.tail(n) + LIST_CLOSE, "eos") for n in names])
+        after = ends + _unique([(fmt.tail(n) + LIST_SEPARATOR + fmt.head(m), "number") for n in names for m in names])
         self.start = _trie([(encode(text), then) for text, then in start])
         self.after = _trie([(encode(text), then) for text, then in after])
-        self.inner = [_trie([(encode(text), "number")]) for text in inner]
+        self.after_end = _trie([(encode(text), then) for text, then in ends])
+        self.inner = [_trie([(encode(text), "number")]) for text in fmt.inner]
         self._encode = encode
         self._states: dict[tuple[int, ...], _State | None] = {}
         for objects in self._samples():  # the automaton must write exactly what training wrote
-            text = format_objects(objects, answer_format)
+            text = fmt.objects_text(objects)
             ids = self.compose(objects)
             if ids != encode(text):
                 raise ValueError(f"constrained decoding: this tokenizer splits {text!r} differently in context")
@@ -134,7 +131,7 @@ class ListGrammar(TokenGrammar):
 
     def _options(self, state: _State) -> tuple[list[int], bool]:
         """(digit tokens allowed next, whether the number may end here) inside a number."""
-        return self.numbers._number_options(state.chars, *self._bounds(state))
+        return self.numbers.number_options(state.chars, *self._bounds(state))
 
     def step(self, state: _State, token: int) -> _State | None:
         """The state after ``token``, or None if the grammar does not allow it."""
@@ -199,7 +196,7 @@ class ListGrammar(TokenGrammar):
             if state is None or state.ended:
                 break
             # the connector after an item's numbers (qwen: its label) still belongs to that item
-            item = state.items - 1 if state.closing and self.answer_format == "qwen" else state.items
+            item = state.items - 1 if state.closing and self.format.label_in_tail else state.items
             logs.setdefault(item, []).append(decisions[t])
         answer = list(generated[:-1] if generated and generated[-1] == self.eos else generated)
         written = self.state_of(answer)
@@ -212,23 +209,7 @@ class ListGrammar(TokenGrammar):
 
     def compose(self, objects: Sequence[LabelledBox]) -> list[int]:
         """Token ids of the answer for ``objects`` as the automaton builds it (without eos)."""
-        objects = ordered(objects, self.answer_format)
-        encode = self._encode
-        if not objects:
-            return encode("[]")
-        names = [json.dumps(o.label, ensure_ascii=False) for o in objects]
-        top = self.numbers.top
         ids: list[int] = []
-        for i, obj in enumerate(objects):
-            if self.answer_format == "json":
-                ids += encode(("[" if i == 0 else "}, ") + '{"label": ' + names[i] + ', "x_min": ')
-                glue = [', "y_min": ', ', "x_max": ', ', "y_max": ']
-            else:
-                ids += encode('[{"bbox_2d": [' if i == 0 else '], "label": ' + names[i - 1] + '}, {"bbox_2d": [')
-                glue = [", ", ", ", ", "]
-            for k, value in enumerate(grid_values(obj.box, top)):
-                number = f"{value / top:.{DECIMALS}f}" if self.answer_format == "json" else str(value)
-                ids += [self.numbers.dot if c == "." else self.numbers.digit[c] for c in number]
-                if k < 3:
-                    ids += encode(glue[k])
-        return ids + encode("}]" if self.answer_format == "json" else '], "label": ' + names[-1] + "}]")
+        for k, piece in enumerate(self.format.list_pieces(objects)):
+            ids += self._encode(piece) if k % 2 == 0 else self.numbers.number_tokens(piece)
+        return ids

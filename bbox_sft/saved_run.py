@@ -1,0 +1,47 @@
+"""What a run trained, saved beside its model as ``bbox_sft_args.json``: the one reader and writer.
+
+Train writes it; eval, predict, the app and serving read it, so the task, answer format, labels and
+pixel budget a model was trained with are known from one place (not from the data it is pointed at).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from .formats import AnswerFormat, get_format
+from .tasks import Task, get_task
+
+ARGS_NAME = "bbox_sft_args.json"
+
+
+@dataclass
+class SavedRun:
+    """The run description: the recipe's own fields as trained, plus the labels its answers may hold."""
+
+    task: Task
+    answer_format: AnswerFormat
+    labels: list[str] | None = None
+    image_min_side: int | None = None
+    image_max_side: int | None = None
+    fields: dict[str, Any] = field(default_factory=dict)  # every field as saved
+
+    @classmethod
+    def read(cls, folder: str | Path) -> SavedRun:
+        """The description saved in ``folder``; a folder without one reads as a subject run in json."""
+        path = Path(folder) / ARGS_NAME
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(task=get_task(saved.get("task", "subject")), answer_format=get_format(saved.get("answer_format",
+                                                                                                    "json")),
+                   labels=saved.get("labels"), image_min_side=saved.get("image_min_side"),
+                   image_max_side=saved.get("image_max_side"), fields=saved)
+
+    @staticmethod
+    def write(folder: str | Path, script_args: Any, labels: list[str] | None) -> Path:
+        """Save the recipe's fields (a dataclass) and the labels beside the model."""
+        fields = asdict(script_args) if is_dataclass(script_args) else dict(script_args)
+        path = Path(folder) / ARGS_NAME
+        path.write_text(json.dumps({**fields, "labels": labels}, indent=2))
+        return path

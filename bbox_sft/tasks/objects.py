@@ -1,0 +1,47 @@
+"""``objects``: every object in the image, as a list of labelled boxes (from detection annotations,
+or one ``object`` box per saliency-mask component)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from itertools import chain
+
+import numpy as np
+
+from ..boxes import Box
+from ..formats import LabelledBox
+from . import register
+from .base import Example, ListTask, Prior
+
+INSTRUCTION = "Find every object and output a JSON list of labelled bounding boxes."
+
+
+@register
+class ObjectsTask(ListTask):
+    name = "objects"
+    title = "Objects"
+    does = "Finds every object in an image and answers with a JSON list of labelled boxes"
+    heading = "# Every object\nThe fine-tuned model answers with a JSON list of labelled boxes (red)."
+    sources = ("detection", "saliency")
+
+    def instruction(self, query=None) -> str:
+        return INSTRUCTION
+
+    def examples(self, image_id, annotation, categories, absent_per_image=1, seed=42) -> list[Example]:
+        return [Example(image_id, "", list(annotation.objects))]
+
+    def prior(self, dataset, split) -> Prior:
+        """The mean number of objects per image (rounded), each at the mean box, labelled with the most
+        frequent labels in turn."""
+        source, where = self._train_source(dataset, split)
+        labels, boxes = list(chain.from_iterable(source["labels"])), list(chain.from_iterable(source["boxes"]))
+        if not boxes:
+            said = f"no boxes in {where}: the prior answers []"
+            return Prior(lambda record: [], said, {"prior": said})
+        mean_box = Box(*np.asarray(boxes, dtype=float).mean(0).tolist())
+        count = round(len(boxes) / len(source))
+        common = [label for label, _ in Counter(labels).most_common()]
+        guess = [LabelledBox(common[i % len(common)], mean_box) for i in range(count)]
+        said = (f"{count} box(es) (the mean count per image) at the mean box, labelled {[o.label for o in guess]} "
+                f"(the most frequent labels), from {where}")
+        return Prior(lambda record: list(guess), said, {"prior": said})
