@@ -9,7 +9,7 @@ from trl import ScriptArguments
 
 @dataclass
 class BoxScriptArguments(ScriptArguments):
-    """Data, answer format, pixel budget and freezing for box fine-tuning.
+    """Task, data, answer format, pixel budget and freezing for box fine-tuning.
 
     ``dataset_name`` is a prepared dataset folder (``bbox-sft prepare`` output) or a Hub dataset id.
     With ``data_dir``, a missing ``dataset_name`` folder is built from that images + masks folder first.
@@ -31,7 +31,8 @@ class BoxScriptArguments(ScriptArguments):
     answer_format: str = field(default="json", metadata={"help": "json | qwen (Qwen-VL's bbox_2d on a 0-1000 grid)."})
     task: str = field(default="subject", metadata={
         "help": "subject (one box, from saliency masks) | objects (every object) | phrase (the objects a prompt "
-                "names), both from COCO annotations in data_dir; must match the records of dataset_name."})
+                "names), both from COCO annotations in data_dir | refer (the object a description picks out, from "
+                "referring expressions); must match the records of dataset_name."})
     image_min_side: int = field(default=320, metadata={"help": "Pixel budget: images hold at least this side² pixels."})
     image_max_side: int = field(default=448, metadata={"help": "Pixel budget: images hold at most this side² pixels."})
     train_vision_tower: bool = field(

@@ -31,7 +31,7 @@ from trl.data_utils import prepare_multimodal_messages
 
 from .boxes import Box
 from .chat import prompt_messages
-from .formats import AnswerFormat, LabelledBox, get_format, parse_answer
+from .formats import AnswerFormat, LabelledBox, get_format
 from .grammar import TokenGrammar
 from .images import pad_to_aspect_ratio, to_rgb
 
@@ -340,7 +340,8 @@ def generate_answers(
                 box, letterbox = parse(raw), fitted[i][1]
                 if isinstance(box, list):  # a list task: every box back in the original frame
                     objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
-                    scores = grammar.object_scores(written[row], decisions[row]) if grammar and grammar.scores_decisions else None
+                    scored = grammar is not None and grammar.scores_decisions
+                    scores = grammar.object_scores(written[row], decisions[row]) if scored else None
                     if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
                         scores = (scores + [1.0] * len(objects))[: len(objects)]
                     results[i] = Prediction(None, raw, objects=objects, object_scores=scores)

@@ -134,7 +134,8 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
                     line.update(task.answer_json(q, "native_", confidence=False))
                 f.write(json.dumps(line) + "\n")
                 if len(grid) < args.grid_images:
-                    grid.append(task.draw(record["image"], task.target(record), task.answer(p), task.caption(record, p)))
+                    grid.append(task.draw(record["image"], task.target(record), task.answer(p),
+                                          task.caption(record, p)))
                 truths.append(task.target(record))
                 guessed.append(prior.answer(record))
             f.flush()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .tasks import get_task
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,9 +38,7 @@ def objects_dataset_card(report: dict[str, Any]) -> str:
 
     rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
                      for split, n in report["split_sizes"].items())
-    task = ("every object, as a list in a fixed order (by x_min, then y_min)" if report["task"] == "objects" else
-            f"the objects of the category the prompt names; {config['absent_per_image']} absent category per image "
-            "asked too (answer `[]`)")
+    task = get_task(report["task"]).dataset_answer(config)
     return f"""---
 task_categories:
 - object-detection
@@ -113,15 +113,7 @@ def dataset_card(report: dict[str, Any], citation: str) -> str:
     sources = ", ".join(f"{name} ({n} images)" for name, n in report["sources"].items())
     skipped = ", ".join(f"{n} {reason}" for reason, n in report["skipped"].items()) or "none"
     rows = "\n".join(f"| {split} | {n} |" for split, n in splits.items())
-    if config.get("task") == "objects":
-        title, what = "Object boxes from saliency masks", "a box per object (labelled `object`)"
-        boxes = (f"mask pixels >= {config['threshold']} are foreground, split into 8-connected components; "
-                 f"every component of at least {config['min_fraction']} of the largest one's area is an object.")
-    else:
-        title, what = "Main-subject boxes from saliency masks", "the box of its main subject"
-        boxes = (f"mask pixels >= {config['threshold']} are foreground, split into 8-connected\n  components; "
-                 f"box mode `{config['box_mode']}` (`largest`: the largest component;\n  `union`: all foreground; "
-                 f"`components`: all components of at least {config['min_fraction']} of the\n  largest one's area).")
+    title, what, boxes = get_task(config.get("task", "subject")).mask_card(config)
     return f"""---
 task_categories:
 - object-detection
@@ -172,8 +164,6 @@ def write_model_card(
     task: Any = "subject",
 ) -> Path:
     """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
-    from .tasks import get_task
-
     task = get_task(task)
     output_dir = Path(output_dir)
     is_adapter = (output_dir / "adapter_config.json").is_file()

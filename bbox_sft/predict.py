@@ -29,7 +29,6 @@ from .images import ImageError, open_image
 from .model import detect_device, load_model, load_processor
 from .saved_run import SavedRun
 from .tasks import Task, get_task
-from .tasks.base import rounded
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ class BoxPredictor:
         queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
         if len(queries) != len(images):
             raise ValueError(f"{len(queries)} queries for {len(images)} images")
-        for q in set(queries):
+        for q in set(queries) if isinstance(query, (list, tuple)) else {query}:
             self.task.check_query(q)
         options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained,
                        batch_size=self.batch_size, progress=progress, labels=self.labels,

@@ -42,6 +42,7 @@ from bbox_sft.model import (
     lora_config,
     set_trainable,
 )
+from bbox_sft.records import records_task
 from bbox_sft.saved_run import SavedRun
 from bbox_sft.tasks import Task, get_task
 from bbox_sft.trainer import BoxSFTTrainer, make_callbacks
@@ -229,11 +230,13 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     return trainer
 
 
-def with_answer_format(dataset: datasets.DatasetDict, answer_format: str, task: Task | str = "subject"
+def with_answer_format(dataset: datasets.DatasetDict, answer_format: str, task: Task | str | None = None
                        ) -> datasets.DatasetDict:
-    """Rewrite ``completion`` from each record's target when the dataset was built in another answer format."""
-    task = get_task(task)
-    sample = dataset[next(iter(dataset))][0]
+    """Rewrite ``completion`` from each record's target when the dataset was built in another answer format
+    (``task``: the records' own, by default)."""
+    split = dataset[next(iter(dataset))]
+    task = get_task(task or records_task(split) or "subject")
+    sample = split[0]
     if sample["completion"][0]["content"][0]["text"] == task.answer_text(task.target(sample), answer_format):
         return dataset
     logger.info("rewriting answers in the %r format", answer_format)

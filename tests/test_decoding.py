@@ -19,12 +19,11 @@ import bbox_sft.decoding as decoding
 from bbox_sft.calibration import Calibration, auroc, chance_ece, expected_calibration_error
 from bbox_sft.collator import IGNORE_INDEX, BoxSFTCollator, add_lengths
 from bbox_sft.decoding import ForcedTokenDecoder, generate_answers
+from bbox_sft.formats import format_answer, parse_native_grounding, parse_objects
 from bbox_sft.grammar import BoxGrammar as AnswerGrammar
-from bbox_sft.model import set_pixel_budget
-from bbox_sft.formats import parse_objects
 from bbox_sft.grammar.lists import MAX_OBJECTS
+from bbox_sft.model import set_pixel_budget
 from bbox_sft.tasks.objects import INSTRUCTION as OBJECTS_INSTRUCTION
-from bbox_sft.formats import format_answer, parse_native_grounding
 from bbox_sft.tiny import build_processor, build_qwen_tokenizer, tiny_config
 
 
@@ -103,7 +102,8 @@ def test_fast_forward_writes_lists_as_generate_does_with_the_list_grammar(answer
     images = _images(box_dataset_dir, 6)
     # empty lists, lists cut short at 150 tokens (where generate cuts them), lists of max_objects items
     kwargs = dict(answer_format=answer_format, batch_size=3, progress=False, instruction=OBJECTS_INSTRUCTION,
-                  parse=parse_objects, task="objects", labels=["cat", "dog", "traffic light"], max_new_tokens=max_new_tokens)
+                  parse=parse_objects, task="objects", labels=["cat", "dog", "traffic light"],
+                  max_new_tokens=max_new_tokens)
     with CountingForwards(model) as fast_count:
         fast = generate_answers(model, processor, images, **kwargs)
     with CountingForwards(model) as reference_count:

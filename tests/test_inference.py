@@ -23,9 +23,9 @@ import bbox_sft.metrics
 from bbox_sft.calibration import chance_ece
 from bbox_sft.cli import main as cli
 from bbox_sft.decoding import generate_answers
+from bbox_sft.formats import format_answer, parse_answer
 from bbox_sft.grammar import BoxGrammar as AnswerGrammar
 from bbox_sft.metrics import box_metrics
-from bbox_sft.formats import format_answer, parse_answer
 from bbox_sft.train import main as train
 from bbox_sft.train import parse_args
 

@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 
 from bbox_sft.boxes import Box
 from bbox_sft.detection import detection_metrics, match
-from bbox_sft.formats import LabelledBox, format_objects, ordered, parse_objects
-from bbox_sft.formats import quantize
+from bbox_sft.formats import LabelledBox, format_objects, ordered, parse_objects, quantize
 
 LABELS = ["cat", "dog", "traffic light", 'say "cheese"', "café"]
 
@@ -312,7 +311,7 @@ def test_predict_lists_objects_readable_by_supervision_and_pycocotools(objects_r
             initial=0) <= 1.0
 
     predictor = BoxPredictor.from_pretrained(out)
-    assert predictor.task == "objects"
+    assert predictor.task.name == "objects"
     with pytest.raises(ValueError, match="takes no query"):
         predictor.predict([], query="star")
 
@@ -458,7 +457,7 @@ def test_saliency_masks_give_objects_records_one_per_large_component(tmp_path) -
             '[{"label": "object", "x_min": 0.10, "y_min": 0.10, "x_max": 0.30, "y_max": 0.50}, '
             '{"label": "object", "x_min": 0.75, "y_min": 0.60, "x_max": 0.95, "y_max": 0.90}]')
     assert "Object boxes from saliency masks" in (tmp_path / "out" / "README.md").read_text()
-    with pytest.raises(FileNotFoundError, match="no COCO annotation file"):
+    with pytest.raises(FileNotFoundError, match="no images found for the phrase task. Expected a COCO annotation file"):
         prepare_dataset(PrepareArguments(data_dir=str(tmp_path / "set"), output_dir=str(tmp_path / "p"), task="phrase"))
 
 

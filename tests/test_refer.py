@@ -39,18 +39,19 @@ def test_synthetic_expressions_pick_one_of_several_shapes(refer_dir: Path) -> No
 
 def test_jsonl_and_datasets_sources_give_the_same_records(refer_dir: Path, tmp_path: Path) -> None:
     from_jsonl = prepare_dataset(PrepareArguments(data_dir=str(refer_dir), output_dir=str(tmp_path / "a"),
-                                                  task="refer", train_size=20, val_size=5, test_size=5))
-    # the same expressions as a datasets dataset, RefCOCO-style: one row per image, a list of expressions
-    # in "answer" would need one box per row, so one row per expression with a one-item list
+                                                  task="refer", train_size=100, val_size=100, test_size=100))
+    # the same expressions as a datasets dataset in lmms-lab/RefCOCO's schema: one row per box, its
+    # expressions as a list in "answer", the box in "bbox" (COCO pixels), the image's file_name
     lines = [json.loads(line) for line in (refer_dir / "refs.jsonl").read_text().splitlines()]
-    rows = {"image": [str(refer_dir / line["image"]) for line in lines], "answer": [[line["expression"]] for line in lines],
+    rows = {"image": [str(refer_dir / line["image"]) for line in lines],
+            "answer": [[line["expression"]] for line in lines],
             "bbox": [line["bbox"] for line in lines],
             "file_name": [Path(line["image"]).name for line in lines]}
     hub_like = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     hub_like.save_to_disk(str(tmp_path / "hub_like"))
     from_dataset = prepare_dataset(PrepareArguments(data_dir=str(tmp_path / "hub_like"),
                                                     output_dir=str(tmp_path / "b"), task="refer",
-                                                    train_size=20, val_size=5, test_size=5))
+                                                    train_size=100, val_size=100, test_size=100))
     a, b = _records(from_jsonl), _records(from_dataset)
     assert len(a) == len(lines) and a.keys() == b.keys()
     assert all(a[k] == pytest.approx(b[k]) for k in a)
@@ -85,7 +86,7 @@ def test_bad_lines_are_counted_not_fatal(refer_dir: Path, tmp_path: Path) -> Non
     (source / "images").symlink_to(refer_dir / "images")
     (source / "refs.jsonl").write_text("\n".join(good + bad) + "\n")
     prepare_dataset(PrepareArguments(data_dir=str(source), output_dir=str(tmp_path / "out"), task="refer",
-                                     train_size=20, val_size=5, test_size=5))
+                                     train_size=100, val_size=100, test_size=100))
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["skipped_expressions"] == {"bad_line": 1, "bad_expression": 1, "zero_area": 1, "bad_bbox": 1,
                                              "image_skipped": 1}
@@ -105,3 +106,29 @@ def test_the_refer_task_asks_and_reads() -> None:
     with pytest.raises(ValueError, match="needs a query"):
         task.check_query(None)
     assert task.parse(format_answer((0.1, 0.2, 0.5, 0.6))) == pytest.approx((0.1, 0.2, 0.5, 0.6))
+
+
+def test_the_app_and_predictor_ask_a_refer_model_for_a_description(tiny_model_dir: Path, processor,
+                                                                    refer_dir: Path) -> None:
+    """A refer model (the tiny base, constrained to one box) in the app's handlers and behind its text box."""
+    from transformers import AutoModelForImageTextToText
+
+    from bbox_sft.app import BoxApp, create_app
+    from bbox_sft.predict import BoxPredictor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    predictor = BoxPredictor(model, processor, task="refer")
+    images = sorted((refer_dir / "images").glob("*.jpg"))[:2]
+    drawn, answer, sentence = BoxApp(predictor).one(str(images[0]), False, "the red star")
+    line = json.loads(answer)
+    assert line["query"] == "the red star" and line["box"] is not None and drawn is not None
+    assert "asked for the red star" in sentence
+    _, empty, refused = BoxApp(predictor).one(str(images[0]), False, "  ")
+    assert empty == "" and "description of the object" in refused
+    results = list(predictor.predict_files(images, query=["the red star", "the blue triangle"]))
+    assert [r.to_json()["query"] for r in results] == ["the red star", "the blue triangle"]
+    with pytest.raises(ValueError, match="needs a query"):
+        predictor.predict([], query=None)
+    page = create_app(predictor, examples=images)
+    boxes = [c for c in page.blocks.values() if type(c).__name__ == "Textbox"]
+    assert [(b.label, b.visible) for b in boxes] == [("Description of the object", True)]

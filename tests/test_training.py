@@ -101,33 +101,68 @@ def _single_process_answers(adapter: Path, dataset_dir: Path, n: int) -> list[st
     return [p.raw for p in generate_answers(model, processor, images, batch_size=1, progress=False)]
 
 
+DDP_ON_CPU = """
+import json, sys
+from pathlib import Path
+import torch.distributed as dist
+import bbox_sft.train as train
+import bbox_sft.trainer as validation
+
+generate_answers = validation.generate_answers
+calls = []
+
+def probe(model, processor, images, *args, **kwargs):  # what each rank generates, seen from inside the run
+    calls.append({"world": dist.get_world_size(), "rank": dist.get_rank(), "images": len(images),
+                  "model": type(model).__name__, "first_pixels": list(images[0].getdata())[:4] if images else None})
+    Path(sys.argv[1], f"rank{dist.get_rank()}.json").write_text(json.dumps(calls))
+    return generate_answers(model, processor, images, *args, **kwargs)
+
+validation.generate_answers = probe
+train.main(*train.parse_args(sys.argv[2:]))
+"""
+
+
 def test_two_process_ddp_validates_like_one_process(tiny_model_dir: Path, box_dataset_dir: Path,
                                                     tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
+    out, probes = tmp_path / "ddp", tmp_path / "probes"
+    probes.mkdir()
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_ON_CPU)
     accelerate = str(Path(sys.executable).parent / "accelerate")
+    # the shipped DDP config on 2 CPU processes (accelerate's --cpu flag would start one process only);
     # 5 validation images on 2 ranks: shards of 3, the second padded by one repeat that must be dropped
-    result = _run([accelerate, "launch", "--num_processes", "2", "--cpu", "bbox_sft/train.py",
-                   *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--max_steps", "4",
-                          "--per_device_train_batch_size", "2", "--eval_strategy", "steps", "--eval_steps", "4",
-                          "--box_eval_samples", "5", "--per_device_eval_batch_size", "1")])
+    result = _run([accelerate, "launch", "--config_file", "recipes/accelerate/multi_gpu.yaml", "--num_processes",
+                   "2", str(script), str(probes),
+                   *_args(tiny_model_dir, box_dataset_dir, out, "--use_peft", "true", "--use_cpu", "true",
+                          "--max_steps", "4", "--per_device_train_batch_size", "2", "--eval_strategy", "steps",
+                          "--eval_steps", "4", "--box_eval_samples", "5", "--per_device_eval_batch_size", "1",
+                          "--calibrate_confidence", "false", "--do_eval", "false")],
+                  timeout=300, env_extra={"PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
+    import datasets
+
+    validation = datasets.load_from_disk(str(box_dataset_dir))["validation"]
+    expected_first = [list(validation[i]["image"].convert("RGB").getdata())[:4] for i in (0, 3)]
+    for rank in (0, 1):  # two ranks really ran, each generating its own shard (3 images, the last padded)
+        [seen] = json.loads((probes / f"rank{rank}.json").read_text())
+        assert seen["world"] == 2 and seen["rank"] == rank, seen
+        assert seen["images"] == 3, seen
+        assert [list(p) for p in seen["first_pixels"]] == [list(p) for p in expected_first[rank]], rank
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     [evaluation] = [e for e in state["log_history"] if "eval_mean_iou" in e]  # both ranks' shards, gathered
     history = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
-    history = [h for h in history if h["split"] == "eval"]  # the final test-split evaluation follows
-    assert len(history) == 1  # written once, by the main process
+    assert len(history) == 1 and history[0]["split"] == "eval"  # written once, by the main process
+    assert len(history[0]["answers"]) == 5  # the padding repeat was dropped after the gather
     assert (out / "adapter_model.safetensors").is_file()
     assert len(list(out.glob("adapter_model*.safetensors"))) == 1
 
     # the same model (saved right after that evaluation) in one process gives the same answers in the same order
     answers = _single_process_answers(out, box_dataset_dir, 5)
     assert history[0]["answers"] == answers
-    import datasets
-
     from bbox_sft.metrics import text_metrics
 
-    references = datasets.load_from_disk(str(box_dataset_dir))["validation"].select(range(5))["box"]
+    references = validation.select(range(5))["box"]
     for name, value in text_metrics(answers, references).items():
         assert evaluation[f"eval_{name}"] == pytest.approx(value), name
 

@@ -1,12 +1,19 @@
-"""The data side: saliency masks on disk -> a ``datasets.DatasetDict`` of image + chat records."""
+"""The data side: saliency masks, detection annotations or referring expressions on disk -> a
+``datasets.DatasetDict`` of image + chat records, written by each task (:mod:`bbox_sft.tasks`)."""
 
 from .builder import FEATURES, SaliencyBoxes, SaliencyBoxesConfig
+from .coco_builder import CocoBoxes, CocoBoxesConfig
 from .prepare import PrepareArguments, prepare_dataset
+from .refer import ReferBoxes, ReferBoxesConfig
 from .synthetic import write_synthetic_set
 
 __all__ = [
     "FEATURES",
+    "CocoBoxes",
+    "CocoBoxesConfig",
     "PrepareArguments",
+    "ReferBoxes",
+    "ReferBoxesConfig",
     "SaliencyBoxes",
     "SaliencyBoxesConfig",
     "prepare_dataset",

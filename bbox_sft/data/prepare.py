@@ -59,8 +59,8 @@ def find_source(task_name: str, data_dir: str) -> str:
     found = next((s for s in task.sources if SOURCES[s].found(data_dir)), None)
     if found is None:
         layouts = "; or ".join(SOURCES[s].layout for s in task.sources)
-        raise FileNotFoundError(f"{data_dir}: no images found for the {task.name} task. Expected {layouts} "
-                                "(bbox-sft prepare --download_help shows the saliency layouts).")
+        hint = " (bbox-sft prepare --download_help shows the saliency layouts)" if "saliency" in task.sources else ""
+        raise FileNotFoundError(f"{data_dir}: no images found for the {task.name} task. Expected {layouts}{hint}.")
     return found
 
 

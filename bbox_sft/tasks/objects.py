@@ -27,6 +27,16 @@ class ObjectsTask(ListTask):
     def instruction(self, query=None) -> str:
         return INSTRUCTION
 
+    def dataset_answer(self, config: dict) -> str:
+        """What a record's answer lists, for the dataset card."""
+        return "every object, as a list in a fixed order (by x_min, then y_min)"
+
+    def mask_card(self, config: dict) -> tuple[str, str, str]:
+        """(title, what a record holds, how boxes come from masks) for a saliency dataset's card."""
+        return ("Object boxes from saliency masks", "a box per object (labelled `object`)",
+                f"mask pixels >= {config['threshold']} are foreground, split into 8-connected components; "
+                f"every component of at least {config['min_fraction']} of the largest one's area is an object.")
+
     def examples(self, image_id, annotation, categories, absent_per_image=1, seed=42) -> list[Example]:
         return [Example(image_id, "", list(annotation.objects))]
 

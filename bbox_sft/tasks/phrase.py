@@ -44,6 +44,11 @@ class PhraseTask(ListTask):
         return [Example(f"{image_id}:{label}", label, [o for o in annotation.objects if o.label == label])
                 for label in sorted(present + absent)]
 
+    def dataset_answer(self, config: dict) -> str:
+        """What a record's answer lists, for the dataset card."""
+        return (f"the objects of the category the prompt names; {config['absent_per_image']} absent category per "
+                "image asked too (answer `[]`)")
+
     def allowed_labels(self, labels, query):
         """A phrase answer names only what was asked."""
         return [query] if query else super().allowed_labels(labels, query)

@@ -29,5 +29,12 @@ class SubjectTask(BoxTask):
     def native_instruction(self, query=None) -> str:
         return NATIVE_INSTRUCTION
 
+    def mask_card(self, config: dict) -> tuple[str, str, str]:
+        """(title, what a record holds, how boxes come from masks) for a saliency dataset's card."""
+        return ("Main-subject boxes from saliency masks", "the box of its main subject",
+                f"mask pixels >= {config['threshold']} are foreground, split into 8-connected\n  components; "
+                f"box mode `{config['box_mode']}` (`largest`: the largest component;\n  `union`: all foreground; "
+                f"`components`: all components of at least {config['min_fraction']} of the\n  largest one's area).")
+
     def examples(self, image_id, annotation, categories, absent_per_image=1, seed=42) -> list[Example]:
         return [Example(image_id, "", annotation.main)] if annotation.main is not None else []
