@@ -29,13 +29,14 @@ def push_or_explain(push: Callable[[], Any], repo_id: str, local_path: str | Pat
         ) from error
 
 
+def counts(d: dict[str, int]) -> str:
+    """``{"reason": n}`` as "n reason, ..." (sorted), or "none"."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
+
+
 def objects_dataset_card(report: dict[str, Any]) -> str:
     """README.md for a prepared objects / phrase dataset: source, task, categories, splits, what was skipped."""
     config = report["config"]
-
-    def counts(d: dict[str, int]) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
-
     rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
                      for split, n in report["split_sizes"].items())
     task = get_task(report["task"]).dataset_answer(config)
@@ -71,10 +72,6 @@ chat turns that TRL's vision SFT reads (`prompt`, `completion`). The answer list
 def refer_dataset_card(report: dict[str, Any]) -> str:
     """README.md for a prepared refer dataset: source, expressions, splits, what was skipped."""
     config = report["config"]
-
-    def counts(d: dict[str, int]) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
-
     rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
                      for split, n in report["split_sizes"].items())
     return f"""---

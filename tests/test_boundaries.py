@@ -163,3 +163,30 @@ def test_validation_shards_pad_only_what_does_not_divide(n: int, world: int) -> 
     padded = [equal_shard(n, rank, world)[1] for rank in range(world)]
     assert len(padded[0]) == -(-n // world)  # ceil(n / world): no rank gets an extra item
     assert sum(map(len, padded)) - n == (-n) % world  # the padding is exactly what makes the shards equal
+
+
+def test_success_and_a_hit_at_iou_exactly_one_half() -> None:
+    from bbox_sft.calibration import confidence_metrics
+    from bbox_sft.metrics import box_metrics
+
+    truth, half = (0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 1.0)  # IoU exactly 0.5 ("Success@0.5: IoU >= 0.5")
+    assert box_metrics([half], [truth])["success@0.5"] == 1.0
+    assert box_metrics([(0.0, 0.0, 0.5 - 1e-9, 1.0)], [truth])["success@0.5"] == 0.0
+    # the confidence means P(IoU >= 0.5): a sure hit at exactly 0.5 is perfectly calibrated
+    assert confidence_metrics([1.0], [0.5])["confidence_ece"] == 0.0
+
+
+def test_a_mask_pixel_at_exactly_the_threshold_is_foreground() -> None:
+    mask = np.zeros((10, 10), np.uint8)
+    mask[2:4, 3:6] = 128
+    assert mask_to_box(mask, threshold=128) == (0.3, 0.2, 0.6, 0.4)
+    assert mask_to_box(mask, threshold=129) is None
+
+
+def test_an_aspect_ratio_of_exactly_the_limit_is_not_padded() -> None:
+    from bbox_sft.images import MAX_ASPECT_RATIO, padded_size
+
+    assert padded_size(200 * 7, 7) == (1400, 7)  # 200:1, what the processor takes ("over 200:1" is refused)
+    assert padded_size(7, 200 * 7) == (7, 1400)
+    assert padded_size(200 * 7 + 1, 7) == (1401, 8)
+    assert MAX_ASPECT_RATIO == 200

@@ -20,16 +20,17 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 from tqdm.auto import tqdm
 
 from ..boxes import BOX_MODES, Box
-from ..formats import ANSWER_FORMATS, LabelledBox
+from ..formats import LabelledBox
 from ..records import BOX_FEATURES
 from ..tasks import Annotation, get_task
 from .checks import PairCheck, check_pair, image_bytes
+from .config import BoxesConfig
 from .sources import Pair, find_archives, find_pairs
 from .splits import SPLITS, assign_splits
 
@@ -40,28 +41,19 @@ FEATURES = BOX_FEATURES  # the subject records
 
 
 @dataclass
-class SaliencyBoxesConfig(datasets.BuilderConfig):
-    """How boxes are read from masks, how answers are written, and how big each split is."""
+class SaliencyBoxesConfig(BoxesConfig):
+    """How boxes are read from masks (the subject's box; for objects, every component of at least
+    ``min_fraction`` of the largest, labelled "object"), and the options every builder takes."""
 
+    source: ClassVar[str] = "saliency"
     box_mode: str = "largest"
     threshold: int = 128
     min_fraction: float = 0.25
-    answer_format: str = "json"
-    train_size: int = 2000
-    val_size: int = 500
-    test_size: int = 500
-    seed: int = 42
-    num_proc: int = 1
-    task: str = "subject"  # or objects: every mask component kept (min_fraction), labelled "object"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if "saliency" not in get_task(self.task).sources:
-            raise ValueError(f"saliency masks give the subject or objects task, not {self.task!r}")
         if self.box_mode not in BOX_MODES:
             raise ValueError(f"box_mode must be one of {BOX_MODES}, got {self.box_mode!r}")
-        if self.answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
 
 
 def _check(pair: Pair, config: SaliencyBoxesConfig) -> PairCheck:

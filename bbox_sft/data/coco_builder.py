@@ -24,17 +24,17 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 from tqdm.auto import tqdm
 
-from ..formats import ANSWER_FORMATS
 from ..grammar.lists import MAX_OBJECTS
 from ..records import OBJECT_FEATURES
 from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
 from .coco import CocoImage, load_coco_json, read_coco
+from .config import BoxesConfig
 from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -73,25 +73,14 @@ def image_folder(data_dir: str | Path, annotation_file: Path, data: dict[str, An
 
 
 @dataclass
-class CocoBoxesConfig(datasets.BuilderConfig):
-    """Which task the records teach, how answers are written, and how big each split is."""
+class CocoBoxesConfig(BoxesConfig):
+    """How many absent categories a phrase image is asked for, the most objects an image may hold, and the
+    options every builder takes."""
 
+    source: ClassVar[str] = "detection"
     task: str = "objects"
-    answer_format: str = "json"
     absent_per_image: int = 1
     max_objects: int = MAX_OBJECTS
-    train_size: int = 2000
-    val_size: int = 500
-    test_size: int = 500
-    seed: int = 42
-    num_proc: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if "detection" not in get_task(self.task).sources:
-            raise ValueError(f"task must be objects or phrase for COCO data, got {self.task!r}")
-        if self.answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
 
 
 class CocoBoxes(datasets.GeneratorBasedBuilder):

@@ -26,15 +26,15 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 from tqdm.auto import tqdm
 
-from ..formats import ANSWER_FORMATS
 from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
 from .coco import _box
+from .config import BoxesConfig
 from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -126,23 +126,11 @@ def rows_from_dataset(source: str, image_dir: Path) -> list[ReferRow]:
 
 
 @dataclass
-class ReferBoxesConfig(datasets.BuilderConfig):
-    """How answers are written and how big each split is (in images)."""
+class ReferBoxesConfig(BoxesConfig):
+    """The options every builder takes (split sizes in images)."""
 
+    source: ClassVar[str] = "refer"
     task: str = "refer"
-    answer_format: str = "json"
-    train_size: int = 2000
-    val_size: int = 500
-    test_size: int = 500
-    seed: int = 42
-    num_proc: int = 1
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if "refer" not in get_task(self.task).sources:
-            raise ValueError(f"referring expressions give the refer task, not {self.task!r}")
-        if self.answer_format not in ANSWER_FORMATS:
-            raise ValueError(f"answer_format must be one of {ANSWER_FORMATS}, got {self.answer_format!r}")
 
 
 class ReferBoxes(datasets.GeneratorBasedBuilder):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any, ClassVar
 
 import datasets
@@ -359,7 +360,17 @@ class ListTask(Task):
         return (f"{record['query']}: " if record["query"] else "") + ", ".join(record["labels"])[:40]
 
     @staticmethod
-    def _train_source(dataset: datasets.DatasetDict, split: str) -> tuple[datasets.Dataset, str]:
+    def _train_boxes(dataset: datasets.DatasetDict, split: str
+                     ) -> tuple[datasets.Dataset, list[str], list[list[float]], Box | None, str]:
+        """(the prior's source split, its labels and boxes, their mean box or None without boxes, where from):
+        the train split, or the evaluated split if there is none."""
         source = dataset["train"] if "train" in dataset and len(dataset["train"]) else dataset[split]
         where = "the train split" if source is not dataset[split] else f"the evaluated split {split!r} (no train split)"
-        return source, where
+        labels, boxes = list(chain.from_iterable(source["labels"])), list(chain.from_iterable(source["boxes"]))
+        mean = Box(*np.asarray(boxes, dtype=float).mean(0).tolist()) if boxes else None
+        return source, labels, boxes, mean, where
+
+    @staticmethod
+    def _empty_prior(where: str) -> Prior:
+        said = f"no boxes in {where}: the prior answers []"
+        return Prior(lambda record: [], said, {"prior": said})

@@ -4,11 +4,7 @@ or one ``object`` box per saliency-mask component)."""
 from __future__ import annotations
 
 from collections import Counter
-from itertools import chain
 
-import numpy as np
-
-from ..boxes import Box
 from ..formats import LabelledBox
 from . import register
 from .base import Example, ListTask, Prior
@@ -43,12 +39,9 @@ class ObjectsTask(ListTask):
     def prior(self, dataset, split) -> Prior:
         """The mean number of objects per image (rounded), each at the mean box, labelled with the most
         frequent labels in turn."""
-        source, where = self._train_source(dataset, split)
-        labels, boxes = list(chain.from_iterable(source["labels"])), list(chain.from_iterable(source["boxes"]))
-        if not boxes:
-            said = f"no boxes in {where}: the prior answers []"
-            return Prior(lambda record: [], said, {"prior": said})
-        mean_box = Box(*np.asarray(boxes, dtype=float).mean(0).tolist())
+        source, labels, boxes, mean_box, where = self._train_boxes(dataset, split)
+        if mean_box is None:
+            return self._empty_prior(where)
         count = round(len(boxes) / len(source))
         common = [label for label, _ in Counter(labels).most_common()]
         guess = [LabelledBox(common[i % len(common)], mean_box) for i in range(count)]

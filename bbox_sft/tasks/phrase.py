@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import chain
-
 import numpy as np
 
 from ..boxes import Box
@@ -58,12 +56,9 @@ class PhraseTask(ListTask):
 
     def prior(self, dataset, split) -> Prior:
         """One box, the mean box of the asked category."""
-        source, where = self._train_source(dataset, split)
-        labels, boxes = list(chain.from_iterable(source["labels"])), list(chain.from_iterable(source["boxes"]))
-        if not boxes:
-            said = f"no boxes in {where}: the prior answers []"
-            return Prior(lambda record: [], said, {"prior": said})
-        mean_box = Box(*np.asarray(boxes, dtype=float).mean(0).tolist())
+        _, labels, boxes, mean_box, where = self._train_boxes(dataset, split)
+        if mean_box is None:
+            return self._empty_prior(where)
         per_label = {label: Box(*np.asarray([b for lab, b in zip(labels, boxes) if lab == label]).mean(0).tolist())
                      for label in set(labels)}
         said = f"one box per question: the mean box of the asked category in {where}"
