@@ -96,14 +96,17 @@ PROFILES = {
 # The CPU code paths the demo's numbers come from. Training is deterministic on one machine, but its floats
 # depend on the kernels a CPU picks: ATen's vector width, MKL's and oneDNN's instruction sets, the thread count
 # (each changes the weights after 40 steps, bit for bit; each pinned here gives what a 2-core AVX2 machine
-# computes by default). Pinned on x86-64 CPUs, where not set already, so a machine with AVX-512 or more cores
-# runs the same paths; a GPU run is not pinned.
-PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "2"}
+# computes by default: accelerate trains a CPU process on 1 thread, evaluation takes one per core). Pinned on
+# x86-64 CPUs, where not set already, so a machine with AVX-512 or more cores runs the same paths.
+PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+TRAIN_THREADS, EVAL_THREADS = 1, 2
 
 
-def demo_env() -> dict[str, str]:
-    """The environment of every stage: offline, and on x86-64 the pinned CPU kernels (a user's own settings win)."""
-    pinned = PINNED_CPU if platform.machine().lower() in ("x86_64", "amd64") else {}
+def demo_env(threads: int = EVAL_THREADS) -> dict[str, str]:
+    """The environment of a stage: offline, and on x86-64 the pinned CPU kernels and thread count (a user's
+    own settings win)."""
+    pinned = {**PINNED_CPU, "OMP_NUM_THREADS": str(threads)} if platform.machine().lower() in ("x86_64",
+                                                                                              "amd64") else {}
     return {**pinned, **os.environ, "HF_HUB_OFFLINE": "1"}
 
 
@@ -117,12 +120,12 @@ class Stages:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
-    def run(self, stage: str, *commands: list[str]) -> None:
+    def run(self, stage: str, *commands: list[str], threads: int = EVAL_THREADS) -> None:
         logger.info("== %s", stage)
         start = time.perf_counter()
         for command in commands:
             logger.info("$ %s", " ".join(command))
-            subprocess.run(command, cwd=REPO, check=True, env=demo_env())
+            subprocess.run(command, cwd=REPO, check=True, env=demo_env(threads))
         self.seconds[stage] = round(time.perf_counter() - start, 1)
 
 
@@ -168,7 +171,7 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
             "--dataset_name", str(data / "domain_a"), "--data_dir", str(data / "synth_a"),
             "--output_dir", str(base_dir), "--max_steps", str(profile.base_steps),
             "--tiny_hidden_size", str(profile.hidden_size), "--tiny_layers", str(profile.layers), *task,
-        ])
+        ], threads=TRAIN_THREADS)
     lora_dir = out / "lora"
     shutil.rmtree(lora_dir, ignore_errors=True)
     stages.run("LoRA on domain B", [
@@ -176,7 +179,7 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
         "--dataset_name", str(data / "domain_b"), "--output_dir", str(lora_dir),
         "--max_steps", str(profile.lora_steps), "--eval_steps", str(profile.eval_steps),
         "--save_steps", str(profile.eval_steps), *task,
-    ])
+    ], threads=TRAIN_THREADS)
     stages.run("evaluation", [
         _bin("bbox-sft"), "eval", "--adapter", str(lora_dir), "--dataset", str(data / "domain_b"),
         "--split", "test", "--output_dir", str(out / "eval"),
