@@ -162,17 +162,20 @@ OBJECT_LABELS = ("ellipse", "rectangle", "triangle", "star")
 OBJECT_HUES = {"ellipse": 0, "rectangle": 60, "triangle": 120, "star": 25}  # OpenCV hue, 0..179
 
 
-def _label_colour(rng: np.random.Generator, label: str, domain: Domain) -> np.ndarray:
+def _label_colour(rng: np.random.Generator, label: str, domain: Domain, vivid: bool = False) -> np.ndarray:
     low, high = PALETTES[domain][1]
     hue = (OBJECT_HUES[label] + int(rng.integers(-6, 7))) % 180
     # Moderate saturation keeps the shapes bright in luminance too (a saturated blue is about as dark as
     # the background): with saturated hues the tiny demo model had not begun to read the image in 600 steps.
-    hsv = np.array([[[hue, int(rng.integers(110, 171)), int(rng.integers(max(low, 40), high))]]], np.uint8)
+    # ``vivid`` (refer): the value at the domain's extreme, so every shape stands out as the subject does.
+    value = (int(rng.integers(215, 256)) if low > 100 else int(rng.integers(10, 60))) if vivid else int(
+        rng.integers(max(low, 40), high))
+    hsv = np.array([[[hue, int(rng.integers(110, 171)), value]]], np.uint8)
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0].astype(float)
 
 
 def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_objects: int = 4,
-                        min_objects: int = 0, scale: tuple[float, float] = (0.08, 0.22)
+                        min_objects: int = 0, scale: tuple[float, float] = (0.08, 0.22), vivid: bool = False
                         ) -> tuple[np.ndarray, list[tuple[str, tuple[int, int, int, int]]]]:
     """One RGB image with ``min_objects``..``max_objects`` named shapes that do not touch (fewer where
     no free place is found), and their COCO boxes (``[x, y, w, h]`` in pixels, the tight box of each
@@ -194,7 +197,7 @@ def make_objects_sample(rng: np.random.Generator, domain: Domain = "plain", max_
         else:
             continue
         taken |= grown
-        _paint(img, mask, rng, _label_colour(rng, label, domain), textured=domain == "cluttered")
+        _paint(img, mask, rng, _label_colour(rng, label, domain, vivid), textured=domain == "cluttered")
         objects.append((label, tuple(int(v) for v in cv2.boundingRect(mask))))
     return img, objects
 
@@ -261,7 +264,7 @@ def write_synthetic_refer(output_dir: str | Path, n: int = 300, seed: int = 0, d
     rng = np.random.default_rng(seed)
     lines = []
     for i in trange(n, desc=f"Writing {domain} refer images", unit="img"):
-        img, objects = make_objects_sample(rng, domain, max_objects, min_objects, scale)
+        img, objects = make_objects_sample(rng, domain, max_objects, min_objects, scale, vivid=True)
         name = f"refer_{seed}_{i:06d}.jpg"
         cv2.imwrite(str(root / "images" / name), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
         for k, (_, box) in enumerate(objects):
