@@ -63,6 +63,7 @@ class Profile:
     name: str = "demo"  # outputs/<name>, data/<name>
     task_args: tuple[str, ...] = ()  # what synth, prepare and train are told of the task
     synth_args: tuple[str, ...] = ()
+    base_synth_args: tuple[str, ...] | None = None  # domain A's, where they differ (default: synth_args)
     heldout: tuple[str, str] = ("--dir", "DUTS-TR/DUTS-TR-Image")  # what predict reads in the held-out folder
     what: str = ""  # the demo's task, for the report
 
@@ -74,9 +75,12 @@ class Profile:
 
 _OBJECTS = dict(task="objects", name="demo_objects", task_args=("--task", "objects"), synth_args=OBJECT_SHAPES,
                 heldout=("--dir", "images"), what=" for the objects task (every shape, as a labelled list)")
-# refer: 2-3 shapes per image, one expression each ("the small red ellipse", "the star on the left")
+# refer: an expression per shape ("the small red ellipse", "the star on the left"); domain B's images hold
+# two shapes, so the expression decides; domain A's one or two, where the base learns to find shapes at all
+REFER_SHAPES = ("--min_size", "0.18", "--max_size", "0.35", "--max_objects", "2")
 _REFER = dict(task="refer", name="demo_refer", task_args=("--task", "refer"), heldout=("--queries", "refs.jsonl"),
-              what=" for the refer task (the shape a description picks out)")
+              synth_args=(*REFER_SHAPES, "--min_objects", "2"), base_synth_args=(*REFER_SHAPES, "--min_objects", "1"),
+              what=" for the refer task (the shape a description picks out of two)")
 PROFILES = {
     "full": Profile(images_a=2400, images_b=1200, train_b=1000, test_b=100, base_steps=1200, lora_steps=300,
                     hidden_size=256, layers=4, eval_steps=100),
@@ -141,9 +145,10 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
     stages = Stages()
     start = time.perf_counter()
     synth = [_bin("bbox-sft"), "synth", *profile.task_args, *profile.synth_args]
+    synth_a = [_bin("bbox-sft"), "synth", *profile.task_args, *(profile.base_synth_args or profile.synth_args)]
     stages.run(
         "synthetic data",
-        [*synth, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1",
+        [*synth_a, "--output_dir", str(data / "synth_a"), "--n", str(profile.images_a), "--seed", "1",
          "--domain", "plain"],
         [*synth, "--output_dir", str(data / "synth_b"), "--n", str(profile.images_b), "--seed", "2",
          "--domain", "cluttered"],
@@ -198,7 +203,7 @@ def run_demo(profile_name: str = "full", output_dir: str | None = None, data_dir
         "profile": profile_name,
         "task": profile.task,
         "sizes": {k: v for k, v in asdict(profile).items() if k not in ("name", "task_args", "synth_args", "heldout",
-                                                                         "what")},
+                                                                         "what", "base_synth_args")},
         "rows": metrics["rows"],
         "test_images": metrics["evaluated"],
         "confidence": metrics.get("confidence"),
