@@ -30,6 +30,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..grammar.lists import MAX_OBJECTS
+from ..hub import counts
 from ..records import OBJECT_FEATURES
 from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
@@ -174,9 +175,6 @@ class CocoBoxes(datasets.GeneratorBasedBuilder):
 
 
 def coco_summary_line(report: dict[str, Any]) -> str:
-    def counts(d: dict[str, int]) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
-
     splits = " / ".join(f"{s} {report['split_sizes'][s]} images ({report['split_records'][s]} records)"
                         for s in SPLITS)
     return (f"{report['images_found']} images found, {report['usable']} usable with {report['objects']} objects; "

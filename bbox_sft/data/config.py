@@ -26,7 +26,7 @@ class BoxesConfig(datasets.BuilderConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        takes = [name for name, task in TASKS.items() if self.source in task.sources]
+        takes = [name for name, kind in TASKS.items() if self.source in kind.sources]
         if self.source not in get_task(self.task).sources:
             raise ValueError(f"{self.source} data gives the {' or '.join(takes)} task, not {self.task!r}")
         if self.answer_format not in ANSWER_FORMATS:

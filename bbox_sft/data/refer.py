@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 import datasets
 from tqdm.auto import tqdm
 
+from ..hub import counts
 from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
 from .coco import _box
@@ -176,7 +177,7 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
         skipped_files = [{"image": path, "reason": check.skip, "detail": check.detail}
                          for path, check in checks.items() if check.skip]
         lost = Counter(row.image for row in rows if checks[row.image].skip)
-        ids = {_image_id(path): path for path in by_image}
+        ids = {Path(path).stem: path for path in by_image}
         split_sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
         split_ids = assign_splits(list(ids), split_sizes, seed=config.seed)
         task = get_task(config.task)
@@ -218,14 +219,7 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
             }
 
 
-def _image_id(path: str) -> str:
-    return Path(path).stem
-
-
 def refer_summary_line(report: dict[str, Any]) -> str:
-    def counts(d: dict[str, int]) -> str:
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(d.items())) or "none"
-
     splits = " / ".join(f"{s} {report['split_sizes'][s]} images ({report['split_records'][s]} records)"
                         for s in SPLITS)
     return (f"{report['images_found']} images found, {report['usable']} usable with {report['expressions']} of "
