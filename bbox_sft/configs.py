@@ -28,10 +28,14 @@ class BoxScriptArguments(ScriptArguments):
     val_size: int = field(default=500, metadata={"help": "Validation images when building the dataset."})
     test_size: int = field(default=500, metadata={"help": "Test images when building the dataset."})
     box_mode: str = field(default="largest", metadata={"help": "largest | union | components"})
+    max_objects: int | None = field(default=None, metadata={
+        "help": "objects, phrase, when building the dataset: the most boxes an answer holds (an image with more "
+                "keeps its largest, the others counted as lost). Default: no limit."})
     answer_format: str = field(default="json", metadata={"help": "json | qwen (Qwen-VL's bbox_2d on a 0-1000 grid)."})
     task: str = field(default="subject", metadata={
         "help": "subject (one box, from saliency masks) | objects (every object) | phrase (the objects a prompt "
-                "names), both from COCO annotations in data_dir | refer (the object a description picks out, from "
+                "names), both from a detection export in data_dir (COCO, YOLO, VOC, datasets) | refer (the object a "
+                "description picks out, from "
                 "referring expressions); must match the records of dataset_name."})
     image_min_side: int = field(default=320, metadata={"help": "Pixel budget: images hold at least this side² pixels."})
     image_max_side: int = field(default=448, metadata={"help": "Pixel budget: images hold at most this side² pixels."})

@@ -35,11 +35,17 @@ def counts(d: dict[str, int]) -> str:
 
 
 def objects_dataset_card(report: dict[str, Any]) -> str:
-    """README.md for a prepared objects / phrase dataset: source, task, categories, splits, what was skipped."""
+    """README.md for a prepared objects / phrase dataset: source, task, categories, splits, every box accounted for."""
     config = report["config"]
     rows = "\n".join(f"| {split} | {n} | {report['split_records'][split]} |"
                      for split, n in report["split_sizes"].items())
+    boxes = "\n".join(f"| {split} | {v['kept']} | {counts(v['lost'])} |"
+                      for split, v in report["boxes_by_split"].items())
     task = get_task(report["task"]).dataset_answer(config)
+    splits = ("the export's own (" + ", ".join(report["export_splits"]) + "), each cut to its size"
+              if report.get("export_splits") else f"by a stable hash of the image id, seed {config['seed']}")
+    dropped = counts({f"{name} ({why})": 1 for name, why in report["dropped_categories"].items()}).replace("1 ", "")
+    limit = config.get("max_objects")
     return f"""---
 task_categories:
 - object-detection
@@ -49,22 +55,29 @@ tags:
 - bbox-sft
 ---
 
-# Labelled boxes from COCO annotations ({report["task"]})
+# Labelled boxes from a {report["layout"]} detection export ({report["task"]})
 
 Each record holds an image, its labelled boxes (`labels`, `boxes` normalised to [0, 1]) and the
 chat turns that TRL's vision SFT reads (`prompt`, `completion`). The answer lists {task}.
 
-- **Source:** `{Path(report["annotation_file"]).name}`, {report["images_found"]} images,
-  {len(report["categories"])} categories: {", ".join(report["categories"])}
-- **Answer format:** `{config["answer_format"]}`
-- **Splits** (by a stable hash of the image id, seed {config["seed"]}):
+- **Source:** {", ".join(f"`{Path(f).name}`" for f in report["annotation_files"].values())}, {report["images_found"]}
+  images, {len(report["categories"])} categories: {", ".join(report["categories"])}
+- **Categories left out** (no boxes): {dropped}
+- **Answer format:** `{config["answer_format"]}`; objects per answer: {"at most " + str(limit) if limit else "all"}
+  (the most in one image: {report["most_objects"]["objects"]})
+- **Splits:** {splits}
 
 | split | images | records |
 |---|---|---|
 {rows}
 
+- **Boxes:** {report["boxes"]["kept"]} of {report["boxes"]["found"]} kept
+
+| split | boxes kept | boxes lost, by reason |
+|---|---|---|
+{boxes}
+
 - **Skipped images:** {counts(report["skipped"])}
-- **Skipped annotations:** {counts(report["skipped_annotations"])}
 - **Fixed:** {counts({**report["fixed"], **report["handled"]})}
 """
 

@@ -113,7 +113,8 @@ def test_synthetic_coco_set_reads_back_with_tight_boxes(tmp_path) -> None:
 
     assert cli(["synth", "--task", "objects", "--output_dir", str(tmp_path), "--n", "12", "--seed", "3"]) == 0
     coco = read_coco(tmp_path / "annotations.json", tmp_path / "images")
-    assert coco.categories == ["ellipse", "rectangle", "star", "triangle"] and not coco.skipped and not coco.fixed
+    assert sorted(coco.categories) == ["ellipse", "rectangle", "star", "triangle"] and not coco.skipped
+    assert not coco.fixed
     counts = [len(image.objects) for image in coco.images]
     assert len(counts) == 12 and 0 in counts and max(counts) >= 3
     for image in coco.images:  # each box hugs a bright (in value: its hue marks the label) shape on the dark background
@@ -171,12 +172,16 @@ def test_coco_reader_skips_and_counts_what_cannot_be_used(tmp_path) -> None:
     coco = read_coco(tmp_path / "ann.json", tmp_path)
     first = next(i for i in coco.images if i.image_id == "a")
     assert first.objects == (LabelledBox("cat", Box(0.1, 0.1, 0.6, 0.6)), LabelledBox("dog", Box(0.75, 0.5, 1.0, 1.0)))
-    assert coco.skipped == {"crowd": 1, "unknown_category": 1, "zero_area": 2, "bad_bbox": 1, "unknown_image": 1}
+    assert coco.skipped == {"crowd": 1, "unknown_category": 1, "zero_area": 1, "outside_image": 1, "bad_bbox": 1,
+                            "unknown_image": 1}
+    assert dict(first.lost) == {"crowd": 1, "unknown_category": 1, "zero_area": 1, "outside_image": 1, "bad_bbox": 1}
     assert coco.fixed == {"clipped_to_image": 1}
     assert '"id": 3' in coco.examples["crowd"]
     # measured sizes (upright, from the files) win over what the JSON says
-    resized = read_coco(tmp_path / "ann.json", tmp_path, sizes={"a.jpg": (400, 200)})
+    resized = read_coco(tmp_path / "ann.json", tmp_path, sizes={str(tmp_path / "a.jpg"): (400, 200)})
     assert next(i for i in resized.images if i.image_id == "a").objects[0].box == Box(0.05, 0.05, 0.3, 0.3)
+    gone = next(i for i in resized.images if i.image_id == "gone")  # not measured: skipped, its box counted
+    assert gone.objects == () and dict(gone.lost) == {"image_skipped": 1}
     (tmp_path / "bad.json").write_text('{"images": []}')
     with pytest.raises(CocoFormatError, match="bad.json: not COCO instances JSON"):
         read_coco(tmp_path / "bad.json", tmp_path)
@@ -198,7 +203,8 @@ def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it
 
     root = write_synthetic_coco(tmp_path / "coco", n=30, seed=5)
     data = json.loads((root / "annotations.json").read_text())
-    (root / "images" / data["images"][0]["file_name"]).write_bytes(b"not a jpeg")  # corrupt image
+    corrupt = next(i for i in data["images"] if any(a["image_id"] == i["id"] for a in data["annotations"]))
+    (root / "images" / corrupt["file_name"]).write_bytes(b"not a jpeg")  # corrupt image, its boxes lost with it
     data["images"].append({"id": 999, "file_name": "gone.jpg", "width": 10, "height": 10})
     data["annotations"] += [{"id": 901, "image_id": 2, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1},
                             {"id": 902, "image_id": 2, "category_id": 42, "bbox": [0, 0, 5, 5]}]
@@ -210,7 +216,12 @@ def test_prepare_builds_objects_and_phrase_records_from_coco_and_reports_what_it
                                                visualize=True))
     report = json.loads((tmp_path / "objects" / "build_report.json").read_text())
     assert report["skipped"] == {"unreadable_image": 1, "missing_file": 1}
-    assert report["skipped_annotations"] == {"crowd": 1, "unknown_category": 1}
+    lost_with_image = sum(o["category_id"] != 42 and not o.get("iscrowd") for o in data["annotations"]
+                          if o["image_id"] == corrupt["id"])
+    assert lost_with_image > 0
+    assert report["skipped_annotations"] == {"crowd": 1, "unknown_category": 1, "image_skipped": lost_with_image}
+    assert report["boxes"]["found"] == len(data["annotations"])
+    assert report["boxes"]["kept"] == sum(len(labels) for s in objects for labels in objects[s]["labels"])
     assert report["usable"] == 29 and report["split_sizes"] == {s: len(objects[s]) for s in objects}
     ids = {split: objects[split]["image_id"] for split in objects}
     assert len(set().union(*map(set, ids.values()))) == sum(map(len, ids.values())), "an image in one split only"

@@ -2,15 +2,15 @@
 ``datasets.DatasetDict`` of image + chat records, written by each task (:mod:`bbox_sft.tasks`)."""
 
 from .builder import FEATURES, SaliencyBoxes, SaliencyBoxesConfig
-from .coco_builder import CocoBoxes, CocoBoxesConfig
+from .detection_builder import DetectionBoxes, DetectionBoxesConfig
 from .prepare import PrepareArguments, prepare_dataset
 from .refer import ReferBoxes, ReferBoxesConfig
 from .synthetic import write_synthetic_set
 
 __all__ = [
     "FEATURES",
-    "CocoBoxes",
-    "CocoBoxesConfig",
+    "DetectionBoxes",
+    "DetectionBoxesConfig",
     "PrepareArguments",
     "ReferBoxes",
     "ReferBoxesConfig",

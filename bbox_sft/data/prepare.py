@@ -16,7 +16,8 @@ from ..hub import dataset_card, objects_dataset_card, push_or_explain, refer_dat
 from ..tasks import get_task
 from ..visualize import image_grid
 from .builder import DUTS_CITATION, SaliencyBoxes, summary_line
-from .coco_builder import CocoBoxes, coco_summary_line, has_coco
+from .detection_builder import DetectionBoxes, detection_summary_line
+from .exports import describe_layouts, has_detection
 from .refer import ReferBoxes, has_refer, refer_summary_line
 from .sources import find_archives, find_pairs
 from .splits import SPLITS
@@ -44,8 +45,7 @@ SOURCES: dict[str, Source] = {
     "saliency": Source(_has_saliency, "DUTS-TR.zip / DUTS-TE.zip, DUTS-*/DUTS-*-Image + DUTS-*-Mask folders, or "
                                       "images/ + masks/ folders", SaliencyBoxes, summary_line,
                        lambda report: dataset_card(report, DUTS_CITATION)),
-    "detection": Source(has_coco, "a COCO annotation file (annotations.json, _annotations.coco.json or "
-                                  "annotations/instances_*.json) and its images", CocoBoxes, coco_summary_line,
+    "detection": Source(has_detection, describe_layouts(), DetectionBoxes, detection_summary_line,
                         objects_dataset_card),
     "refer": Source(has_refer, "a JSON-lines file of {image, expression, bbox} (refs.jsonl), or a datasets "
                                "dataset with image, expression and bbox columns", ReferBoxes, refer_summary_line,
@@ -68,8 +68,10 @@ def find_source(task_name: str, data_dir: str) -> str:
 class PrepareArguments:
     """Arguments of ``bbox-sft prepare``."""
 
-    data_dir: str = field(metadata={"help": "Folder with DUTS archives/folders or images/ + masks/ (task subject), "
-                                            "or a COCO annotation file and its images (objects, phrase)."})
+    data_dir: str = field(metadata={"help": "Folder with DUTS archives/folders or images/ + masks/ (task subject); "
+                                            "a detection export: COCO, Roboflow's train/valid/test root, YOLO, "
+                                            "Pascal VOC, or a datasets detection set (objects, phrase); "
+                                            "referring expressions (refer)."})
     output_dir: str = field(metadata={"help": "Where the DatasetDict is saved (load_from_disk reads it)."})
     train_size: int = field(default=2000, metadata={"help": "Images in the train split (at most)."})
     val_size: int = field(default=500, metadata={"help": "Images in the validation split (at most)."})
@@ -85,6 +87,9 @@ class PrepareArguments:
                 "refer (the object a description picks out)"})
     absent_per_image: int = field(default=1, metadata={
         "help": "phrase: categories an image does not hold asked per image (answer [])."})
+    max_objects: int | None = field(default=None, metadata={
+        "help": "objects, phrase: the most boxes an answer holds; an image with more keeps its largest (the others "
+                "counted as lost). Default: no limit."})
     num_proc: int = field(default=1, metadata={"help": "Processes that read masks and write records."})
     visualize: bool = field(default=False, metadata={"help": "Write a PNG grid of images with their boxes."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub dataset repo id to push to."})
@@ -100,8 +105,8 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
                    test_size=args.test_size, seed=args.seed, num_proc=args.num_proc, task=task.name)
     if source.builder is SaliencyBoxes:
         options.update(box_mode=args.box_mode, threshold=args.threshold, min_fraction=args.min_fraction)
-    elif source.builder is CocoBoxes:
-        options.update(absent_per_image=args.absent_per_image)
+    elif source.builder is DetectionBoxes:
+        options.update(absent_per_image=args.absent_per_image, max_objects=args.max_objects)
     # a fresh cache each time: the builder's cache key does not see files added to data_dir
     with tempfile.TemporaryDirectory(prefix="bbox_sft_build_") as cache_dir:
         builder = source.builder(cache_dir=cache_dir, data_dir=data_dir, **options)

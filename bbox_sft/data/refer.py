@@ -13,7 +13,7 @@ Two sources:
 
 Several expressions of one image become several records, and splits are drawn by image
 (hash-stable), so one image never straddles two splits. Images are checked as the other builders
-check them, boxes as COCO boxes are (:mod:`bbox_sft.data.coco`); what cannot be used is skipped and
+check them, boxes as COCO boxes are (:mod:`bbox_sft.data.detections`); what cannot be used is skipped and
 counted by reason in :attr:`ReferBoxes.report`.
 """
 
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from ..hub import counts
 from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
-from .coco import _box
 from .config import BoxesConfig
+from .detections import coco_box
 from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
                 skipped["bad_expression"] += 1
                 examples.setdefault("bad_expression", json.dumps(asdict(row))[:200])
                 continue
-            box, note = _box(row.bbox, check.width, check.height)
+            box, note = coco_box(row.bbox, check.width, check.height)
             if box is None:
                 skipped[note] += 1
                 examples.setdefault(note, json.dumps(asdict(row))[:200])
