@@ -286,13 +286,15 @@ def generate_answers(
     labels: Sequence[str] | None = None,
     task: str | Task = "subject",
     query: str | None = None,
+    max_objects: int | None = None,
 ) -> list[Prediction]:
     """Greedy answers of ``task`` for ``images`` in batches of similar size; one :class:`Prediction` per image.
 
     The task gives the question (``instruction`` overrides it: one, or one per image), the parser
     (``parse`` overrides it: the native grounding baseline), the token budget and, with
     ``constrained``, the grammar (a list task's from ``labels``, or ``query`` for one that names its
-    labels). Constrained decoding runs :class:`ForcedTokenDecoder` (forced runs fed in one pass each;
+    labels; ``max_objects`` bounds a list, and the token budget follows: a list grammar's longest answer).
+    Constrained decoding runs :class:`ForcedTokenDecoder` (forced runs fed in one pass each;
     with ``fast_forward=False`` one token per pass) on models with M-RoPE, and transformers' ``generate``
     with the grammar as a logits processor otherwise; unconstrained decoding is ``generate``.
     ``synced_gpus`` keeps sharded ranks stepping together until all are done; None lets transformers
@@ -304,9 +306,12 @@ def generate_answers(
     answer_format = get_format(answer_format)
     instruction = task.instruction(query) if instruction is None else instruction
     parse = parse or task.parse
-    max_new_tokens = max_new_tokens or task.max_new_tokens
     tokenizer = processor.tokenizer
-    grammar = task.grammar(tokenizer, answer_format, labels, query) if constrained else None
+    grammar = task.grammar(tokenizer, answer_format, labels, query, max_objects) if constrained else None
+    if max_new_tokens is None:  # unconstrained, a list gets the budget its grammar would give
+        bounds = grammar if constrained or not task.answers_list else task.grammar(tokenizer, answer_format, labels,
+                                                                                      query, max_objects)
+        max_new_tokens = task.token_budget(bounds)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     use_decoder = grammar is not None and ForcedTokenDecoder.supports(model)
     asked = [instruction] * len(images) if isinstance(instruction, str) else list(instruction)

@@ -98,7 +98,7 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
     calibration = Calibration.load(adapter_dir) if task.calibrates else None
     predictor = BoxPredictor(model, processor, answer_format=run.answer_format.name, constrained=args.constrained,
                              batch_size=args.batch_size, calibration=calibration, task=task,
-                             labels=run.labels or task.labels(split))
+                             labels=run.labels or task.labels(split), max_objects=run.max_objects)
     has_base = adapter_base(adapter_dir) is not None and predictor.has_adapter
     native = task.native_row is not None and (
         args.native_baseline if args.native_baseline is not None else has_base and is_qwen_vl(model))

@@ -117,10 +117,11 @@ class BoxPredictor:
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
                  constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
                  task: str | Task = "subject", max_new_tokens: int | None = None,
-                 labels: Sequence[str] | None = None) -> None:
+                 labels: Sequence[str] | None = None, max_objects: int | None = None) -> None:
         self.task = get_task(task)
         self.labels = list(labels) if labels is not None else None  # list tasks: what constrained answers may name
-        self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
+        self.max_objects = max_objects  # list tasks: the longest answer training saw (the grammar's bound)
+        self.max_new_tokens = max_new_tokens  # None: the task's budget for its grammar
         self.model = model
         self.calibration = calibration
         self.processor = processor
@@ -137,6 +138,7 @@ class BoxPredictor:
         kwargs.setdefault("answer_format", saved.answer_format.name)
         kwargs.setdefault("task", saved.task)
         kwargs.setdefault("labels", saved.labels)
+        kwargs.setdefault("max_objects", saved.max_objects)
         kwargs.setdefault("calibration", Calibration.load(adapter_dir))
         return cls(model, processor, **kwargs)
 
@@ -167,7 +169,7 @@ class BoxPredictor:
             self.task.check_query(q)
         options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained,
                        batch_size=self.batch_size, progress=progress, labels=self.labels,
-                       max_new_tokens=self.max_new_tokens,
+                       max_new_tokens=self.max_new_tokens, max_objects=self.max_objects,
                        calibration=self.calibration if adapter and self.task.calibrates else None)
         results: list[Prediction | None] = [None] * len(images)
         groups: dict[str | None, list[int]] = {}

@@ -24,6 +24,7 @@ class SavedRun:
     task: Task
     answer_format: AnswerFormat
     labels: list[str] | None = None
+    max_objects: int | None = None  # list tasks: the most objects of a training answer (the grammar's bound)
     image_min_side: int | None = None
     image_max_side: int | None = None
     fields: dict[str, Any] = field(default_factory=dict)  # every field as saved
@@ -35,13 +36,16 @@ class SavedRun:
         saved = json.loads(path.read_text()) if path.is_file() else {}
         return cls(task=get_task(saved.get("task", "subject")), answer_format=get_format(saved.get("answer_format",
                                                                                                     "json")),
-                   labels=saved.get("labels"), image_min_side=saved.get("image_min_side"),
-                   image_max_side=saved.get("image_max_side"), fields=saved)
+                   labels=saved.get("labels"), max_objects=saved.get("max_objects"),
+                   image_min_side=saved.get("image_min_side"), image_max_side=saved.get("image_max_side"), fields=saved)
 
     @staticmethod
-    def write(folder: str | Path, script_args: Any, labels: list[str] | None) -> Path:
-        """Save the recipe's fields (a dataclass) and the labels beside the model."""
+    def write(folder: str | Path, script_args: Any, labels: list[str] | None, max_objects: int | None = None,
+              max_new_tokens: int | None = None) -> Path:
+        """Save the recipe's fields (a dataclass), the labels and the list bound (with the token budget it
+        gives, for a reader) beside the model."""
         fields = asdict(script_args) if is_dataclass(script_args) else dict(script_args)
         path = Path(folder) / ARGS_NAME
-        path.write_text(json.dumps({**fields, "labels": labels}, indent=2))
+        path.write_text(json.dumps({**fields, "labels": labels, "max_objects": max_objects,
+                                    "max_new_tokens": max_new_tokens}, indent=2))
         return path

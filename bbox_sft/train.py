@@ -134,6 +134,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
             val_size=script_args.val_size,
             test_size=script_args.test_size,
             box_mode=script_args.box_mode,
+            max_objects=script_args.max_objects,
             answer_format=script_args.answer_format,
             task=script_args.task,
         )
@@ -171,6 +172,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
         card_info={"base_model": model_path, "dataset_name": script_args.dataset_name},
         final_eval_dataset=dataset.get("test"),
         labels=task.labels(dataset[script_args.dataset_train_split]),
+        max_objects=task.max_objects(dataset[script_args.dataset_train_split]),
         task=task,
         calibration_dataset=dataset.get(script_args.dataset_test_split),
     )
@@ -198,7 +200,9 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
     if trainer.accelerator.is_main_process:
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
-        SavedRun.write(training_args.output_dir, script_args, trainer.labels)  # what eval and predict read
+        budget = trainer.answer_budget()
+        SavedRun.write(training_args.output_dir, script_args, trainer.labels, trainer.max_objects,
+                       budget)  # what eval and predict read
     logger.info("model saved to %s", training_args.output_dir)
 
     ################

@@ -54,7 +54,7 @@ class BoxSFTTrainer(SFTTrainer):
         answer_format: str = "json",
         constrained_decoding: bool = True,
         grid_images: int = 16,
-        list_max_new_tokens: int | None = None,
+        max_objects: int | None = None,
         labels: list[str] | None = None,
         task: str | Task = "subject",
         card_info: dict[str, Any] | None = None,
@@ -70,10 +70,20 @@ class BoxSFTTrainer(SFTTrainer):
         self.answer_format = answer_format
         self.constrained_decoding = constrained_decoding
         self.grid_images = grid_images
-        self.list_max_new_tokens = list_max_new_tokens
+        self.max_objects = max_objects  # list tasks: the longest training answer bounds the answers
         self.labels = labels  # list tasks: the labels constrained decoding allows
         self.task = get_task(task)
         self.card_info = card_info or {}
+
+    def answer_budget(self) -> int:
+        """Tokens of the longest answer validation and prediction allow (a list: ``max_objects`` items), logged."""
+        tokenizer = self.processing_class.tokenizer
+        budget = self.task.token_budget(self.task.grammar(tokenizer, self.answer_format, self.labels, None,
+                                                          self.max_objects))
+        if self.max_objects is not None:
+            logger.info("list answers: at most %d objects (the longest training answer), %d tokens at most "
+                        "(max_new_tokens)", self.max_objects, budget)
+        return budget
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._box_target = eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -127,7 +137,7 @@ class BoxSFTTrainer(SFTTrainer):
                        batch_size=self.args.per_device_eval_batch_size, progress=self.accelerator.is_main_process,
                        synced_gpus=sharded, calibration=self.calibration if self.task.calibrates else None,
                        instruction=[instruction_of(p) for p in rows["prompt"]], labels=self.labels,
-                       max_new_tokens=self.list_max_new_tokens if self.task.answers_list else None)
+                       max_objects=self.max_objects)
         with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
             predictions = generate_answers(model, self.processing_class, list(rows["image"]), **options)
         mine = list(zip(shard, predictions))  # the padding is left out here

@@ -25,6 +25,7 @@ from ..chat import completion_messages, prompt_messages
 from ..detection import DETECTION_METRIC_NAMES, detection_metrics
 from ..formats import AnswerFormat, LabelledBox, get_format, parse_answer, parse_native_grounding, parse_objects
 from ..grammar import BoxGrammar, ListGrammar, TokenGrammar
+from ..grammar.lists import MAX_OBJECTS
 from ..metrics import METRIC_NAMES, box_metrics
 from ..records import BOX_FEATURES, OBJECT_FEATURES
 from ..visualize import GREEN, RED, draw_boxes, draw_objects
@@ -149,9 +150,17 @@ class Task:
         raise NotImplementedError
 
     def grammar(self, tokenizer, answer_format: str | AnswerFormat, labels: Sequence[str] | None = None,
-                query: str | None = None) -> TokenGrammar | None:
+                query: str | None = None, max_objects: int | None = None) -> TokenGrammar | None:
         """The constrained-decoding automaton for an answer (None: this answer cannot be constrained)."""
         raise NotImplementedError
+
+    def max_objects(self, dataset: datasets.Dataset) -> int | None:
+        """The most boxes one answer of ``dataset`` holds (the list grammar's bound); None for one-box tasks."""
+        return None
+
+    def token_budget(self, grammar: TokenGrammar | None) -> int:
+        """``max_new_tokens`` for answers of this task written under ``grammar`` (or unconstrained: None)."""
+        return self.max_new_tokens
 
     def grammar_key(self, query: str | None) -> str | None:
         """Questions with the same key share one grammar, so they can share a batch."""
@@ -242,7 +251,7 @@ class BoxTask(Task):
     def parse_native(self, text: str, pick: str = "first") -> Box | None:
         return parse_native_grounding(text, pick)  # type: ignore[arg-type]
 
-    def grammar(self, tokenizer, answer_format, labels=None, query=None) -> TokenGrammar:
+    def grammar(self, tokenizer, answer_format, labels=None, query=None, max_objects=None) -> TokenGrammar:
         return BoxGrammar(tokenizer, answer_format)
 
     def answer(self, prediction: Prediction) -> Box | None:
@@ -291,7 +300,7 @@ class ListTask(Task):
 
     features = OBJECT_FEATURES
     answers_list = True
-    max_new_tokens = 640  # room for the longest list
+    max_new_tokens = 640  # unconstrained, labels unknown: room for a long list
     metric_names = DETECTION_METRIC_NAMES
     metric_for_best_model = "eval_f1@0.5"
 
@@ -317,9 +326,19 @@ class ListTask(Task):
         """The labels an answer may name (None: unknown, so the answer cannot be constrained)."""
         return list(labels) if labels is not None else None
 
-    def grammar(self, tokenizer, answer_format, labels=None, query=None) -> TokenGrammar | None:
+    def grammar(self, tokenizer, answer_format, labels=None, query=None, max_objects=None) -> TokenGrammar | None:
         allowed = self.allowed_labels(labels, query)
-        return ListGrammar(tokenizer, allowed, answer_format) if allowed is not None else None
+        if allowed is None:
+            return None
+        return ListGrammar(tokenizer, allowed, answer_format, max_objects or MAX_OBJECTS)
+
+    def max_objects(self, dataset: datasets.Dataset) -> int:
+        """The longest answer's count (at least 1): lists are bounded by what training showed, nothing fixed."""
+        return max((len(labels) for labels in dataset["labels"]), default=0) or 1
+
+    def token_budget(self, grammar: TokenGrammar | None) -> int:
+        """The grammar's longest answer (so no answer it allows is ever cut), else the unconstrained default."""
+        return grammar.max_tokens if grammar is not None else self.max_new_tokens
 
     def answer(self, prediction: Prediction) -> list[LabelledBox] | None:
         return prediction.objects
