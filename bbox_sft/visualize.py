@@ -6,33 +6,58 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 GREEN = (40, 200, 60)
 RED = (230, 40, 40)
 
 
+TILE = 256  # the grid's cell: drawings are sized to read well at this size whatever the photo's size
+
+
+def unit(image: Image.Image, tile: int = TILE) -> float:
+    """Pixels of ``image`` that one pixel of a ``tile``-sized thumbnail shows (at least 1): line widths and
+    text sizes are multiples of it, so a 4000 px photo's boxes are as legible in the grid as a 300 px one's."""
+    return max(1.0, max(image.size) / tile)
+
+
+def _font(size: float) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(8, round(size)))
+
+
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colour: tuple[int, int, int],
+           scale: float) -> None:
+    """``text`` in white on a ``colour`` box with its top left at ``xy``."""
+    font = _font(10 * scale)
+    x0, y0, x1, y1 = draw.textbbox(xy, text, font=font)
+    pad = round(2 * scale)
+    draw.rectangle([x0 - pad, y0 - pad, x1 + pad, y1 + pad], fill=colour)
+    draw.text(xy, text, fill=(255, 255, 255), font=font)
+
+
 def draw_boxes(
     image: Image.Image,
     boxes: Sequence[tuple[tuple[float, ...] | None, tuple[int, int, int]]],
-    width: int = 3,
+    width: int | None = None,
     caption: str | None = None,
 ) -> Image.Image:
-    """A copy of ``image`` with each normalised ``(box, colour)`` drawn; ``None`` boxes are left out."""
+    """A copy of ``image`` with each normalised ``(box, colour)`` drawn; ``None`` boxes are left out. Lines are
+    ``width`` pixels, by default 3 pixels of a grid tile (:func:`unit`), as is the caption's size."""
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     w, h = image.size
+    scale = unit(image)
+    width = width or max(1, round(3 * scale))
     for box, colour in boxes:
         if box is not None:  # pixel edges: the last pixel inside is x_max * w - 1 (at least x_min * w)
             x0, y0 = box[0] * w, box[1] * h
             draw.rectangle([x0, y0, max(x0, box[2] * w - 1), max(y0, box[3] * h - 1)], outline=colour, width=width)
     if caption:
-        draw.rectangle([0, 0, 8 * len(caption) + 6, 14], fill=(0, 0, 0))
-        draw.text((3, 1), caption, fill=(255, 255, 255))
+        _label(draw, (3 * scale, 2 * scale), caption, (0, 0, 0), scale)
     return image
 
 
-def image_grid(images: Sequence[Image.Image], columns: int = 4, cell: int = 256) -> Image.Image:
+def image_grid(images: Sequence[Image.Image], columns: int = 4, cell: int = TILE) -> Image.Image:
     """Images fitted into ``cell``-pixel squares, ``columns`` to a row."""
     rows = max(1, math.ceil(len(images) / columns))
     grid = Image.new("RGB", (columns * cell, rows * cell), (255, 255, 255))
@@ -58,14 +83,18 @@ def save_box_grid(
 
 
 def draw_objects(image: Image.Image, truth: Sequence, predicted: Sequence, caption: str | None = None) -> Image.Image:
-    """``image`` with labelled boxes (``LabelledBox``): truth in green, prediction in red with its label."""
-    drawn = draw_boxes(image, [(o.box, GREEN) for o in truth] + [(o.box, RED) for o in predicted], caption=caption)
+    """``image`` with labelled boxes (``LabelledBox``): truth in green (its label at the top left inside the box),
+    prediction in red (its label at the bottom left), sized to read in a grid tile (:func:`unit`)."""
+    drawn = draw_boxes(image, [(o.box, GREEN) for o in truth] + [(o.box, RED) for o in predicted])
     draw = ImageDraw.Draw(drawn)
     w, h = drawn.size
+    scale = unit(drawn)
+    for obj in truth:
+        _label(draw, (obj.box[0] * w + 4 * scale, obj.box[1] * h + 4 * scale), obj.label, GREEN, scale)
     for obj in predicted:
-        x, y = obj.box[0] * w + 3, obj.box[1] * h + 2
-        draw.rectangle([x - 1, y - 1, x + 6 * len(obj.label) + 1, y + 10], fill=RED)
-        draw.text((x, y - 1), obj.label, fill=(255, 255, 255))
+        _label(draw, (obj.box[0] * w + 4 * scale, obj.box[3] * h - 16 * scale), obj.label, RED, scale)
+    if caption:  # last, over the labels
+        _label(draw, (3 * scale, 2 * scale), caption, (0, 0, 0), scale)
     return drawn
 
 
