@@ -24,8 +24,9 @@ from ..boxes import Box
 from ..chat import completion_messages, prompt_messages
 from ..detection import DETECTION_METRIC_NAMES, detection_metrics
 from ..formats import AnswerFormat, LabelledBox, get_format, parse_answer, parse_native_grounding, parse_objects
-from ..grammar import BoxGrammar, ListGrammar, TokenGrammar
+from ..grammar import TokenGrammar
 from ..grammar.lists import MAX_OBJECTS
+from ..grammar.spec import GrammarSpec
 from ..metrics import METRIC_NAMES, box_metrics
 from ..records import BOX_FEATURES, OBJECT_FEATURES
 from ..visualize import GREEN, RED, draw_boxes, draw_objects
@@ -149,10 +150,17 @@ class Task:
         """The answer in model output, or None; never raises."""
         raise NotImplementedError
 
+    def grammar_spec(self, answer_format: str | AnswerFormat, labels: Sequence[str] | None = None,
+                     query: str | None = None, max_objects: int | None = None) -> GrammarSpec | None:
+        """The answer's grammar named by plain values (None: this answer cannot be constrained): what a
+        vLLM server is sent to build the same automaton (:mod:`bbox_sft.grammar.vllm_processor`)."""
+        raise NotImplementedError
+
     def grammar(self, tokenizer, answer_format: str | AnswerFormat, labels: Sequence[str] | None = None,
                 query: str | None = None, max_objects: int | None = None) -> TokenGrammar | None:
         """The constrained-decoding automaton for an answer (None: this answer cannot be constrained)."""
-        raise NotImplementedError
+        spec = self.grammar_spec(answer_format, labels, query, max_objects)
+        return spec.build(tokenizer) if spec is not None else None
 
     def max_objects(self, dataset: datasets.Dataset) -> int | None:
         """The most boxes one answer of ``dataset`` holds (the list grammar's bound); None for one-box tasks."""
@@ -251,8 +259,8 @@ class BoxTask(Task):
     def parse_native(self, text: str, pick: str = "first") -> Box | None:
         return parse_native_grounding(text, pick)  # type: ignore[arg-type]
 
-    def grammar(self, tokenizer, answer_format, labels=None, query=None, max_objects=None) -> TokenGrammar:
-        return BoxGrammar(tokenizer, answer_format)
+    def grammar_spec(self, answer_format, labels=None, query=None, max_objects=None) -> GrammarSpec:
+        return GrammarSpec(get_format(answer_format).name)
 
     def answer(self, prediction: Prediction) -> Box | None:
         return prediction.box
@@ -326,11 +334,11 @@ class ListTask(Task):
         """The labels an answer may name (None: unknown, so the answer cannot be constrained)."""
         return list(labels) if labels is not None else None
 
-    def grammar(self, tokenizer, answer_format, labels=None, query=None, max_objects=None) -> TokenGrammar | None:
+    def grammar_spec(self, answer_format, labels=None, query=None, max_objects=None) -> GrammarSpec | None:
         allowed = self.allowed_labels(labels, query)
         if allowed is None:
             return None
-        return ListGrammar(tokenizer, allowed, answer_format, max_objects or MAX_OBJECTS)
+        return GrammarSpec(get_format(answer_format).name, tuple(sorted(set(allowed))), max_objects or MAX_OBJECTS)
 
     def max_objects(self, dataset: datasets.Dataset) -> int:
         """The longest answer's count (at least 1): lists are bounded by what training showed, nothing fixed."""
