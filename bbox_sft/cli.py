@@ -7,6 +7,7 @@
     bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
     bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png] [--query "the red star"]
     bbox-sft merge    --adapter outputs/run --output outputs/merged
+    bbox-sft serve    --adapter outputs/run [--port 8000] [--tensor_parallel_size 2]
     bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
     bbox-sft app      [--adapter outputs/run] [--port 7860]
 """
@@ -171,25 +172,18 @@ class MergeArguments:
 
 
 def _merge(argv: list[str]) -> int:
-    from transformers import AutoConfig
-
-    from .predict import adapter_base, load_for_inference
+    from .predict import merge_adapter
 
     (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
-    base = args.base or adapter_base(args.adapter)
-    if base is None:
-        raise ValueError(f"{args.adapter} holds a full model, not an adapter: nothing to merge")
-    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
-        raise ValueError(
-            f"base model {base} is quantized: merging LoRA weights into 4/8-bit weights loses the adapter's "
-            "precision. Merge into the unquantized base instead (--base <full-precision model>)."
-        )
-    model, processor = load_for_inference(args.adapter, base)
-    merged = model.merge_and_unload()
-    merged.save_pretrained(args.output)
-    processor.save_pretrained(args.output)
-    logger.info("merged %s into %s: %s", args.adapter, base, args.output)
+    merge_adapter(args.adapter, args.output, args.base)
     return 0
+
+
+def _serve(argv: list[str]) -> int:
+    from .serving import ServeArguments, serve
+
+    (args,) = HfArgumentParser(ServeArguments).parse_args_into_dataclasses(args=argv)
+    return serve(args)
 
 
 @dataclass
@@ -250,6 +244,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "eval": (_eval, "score an adapter, its base model and the center prior on a split"),
     "predict": (_predict, "boxes for an image or a folder of images"),
     "merge": (_merge, "merge an adapter into its base model"),
+    "serve": (_serve, "vLLM's OpenAI server for adapters, with the answer grammar (in vLLM's own environment)"),
     "push": (_push, "push an adapter folder (with its model card) to the Hub"),
     "app": (_app, "a web page (Gradio) that shows the adapter's boxes on your images"),
 }

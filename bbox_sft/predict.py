@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -276,3 +277,26 @@ class CocoResults:
                               obj.box[2] * result.width, obj.box[3] * result.height)
             self.results.append({"image_id": image_id, "category_id": self.category_ids[obj.label],
                                  "bbox": [round(v, 2) for v in (x0, y0, x1 - x0, y1 - y0)], "score": score})
+
+
+def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = None) -> Path:
+    """Merge ``adapter`` into its base (or ``base``) and save the model and processor in ``output``."""
+    from transformers import AutoConfig
+
+    base = base or adapter_base(adapter)
+    if base is None:
+        raise ValueError(f"{adapter} holds a full model, not an adapter: nothing to merge")
+    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+        raise ValueError(
+            f"base model {base} is quantized: merging LoRA weights into 4/8-bit weights loses the adapter's "
+            "precision. Merge into the unquantized base instead (--base <full-precision model>)."
+        )
+    model, processor = load_for_inference(adapter, base)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(str(output))
+    processor.save_pretrained(str(output))
+    for name in ("bbox_sft_args.json", "box_confidence.json"):  # what eval, predict and serving read
+        if (Path(adapter) / name).is_file():
+            shutil.copy(Path(adapter) / name, Path(output) / name)
+    logger.info("merged %s into %s: %s", adapter, base, output)
+    return Path(output)

@@ -1,0 +1,53 @@
+"""``bbox-sft serve``: what is served as a vLLM LoRA and what merged, and the command vLLM is started with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig
+
+
+def _adapter(folder: Path, base: str, **lora) -> Path:
+    folder.mkdir(parents=True)
+    config = LoraConfig(r=lora.pop("r", 16), **lora)
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(folder))
+    (folder / "bbox_sft_args.json").write_text(json.dumps({"task": "subject", "answer_format": "json",
+                                                           "image_min_side": 320, "image_max_side": 448}))
+    return folder
+
+
+LM = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+def test_only_language_model_lora_is_served_as_a_lora(tmp_path) -> None:
+    from bbox_sft.serving import lora_servable
+
+    assert lora_servable(_adapter(tmp_path / "lm", "base", target_modules=LM)) is None
+    merger = _adapter(tmp_path / "merger", "base", target_modules=LM, modules_to_save=["merger"])
+    assert "modules_to_save" in lora_servable(merger)
+    vision = _adapter(tmp_path / "vision", "base", target_modules=LM + r"|(.*visual\.blocks.*\.(qkv|proj))")
+    assert "vision blocks" in lora_servable(vision)
+
+
+def test_the_vllm_command_carries_grammar_pixel_budget_and_loras(tmp_path) -> None:
+    from bbox_sft.serving import PROCESSOR, ServeArguments, serve_command
+
+    a = _adapter(tmp_path / "a", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, r=8)
+    b = _adapter(tmp_path / "b", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, r=32)
+    command = serve_command(ServeArguments(adapter=[str(a), str(b)], port=8123, tensor_parallel_size=2))
+    assert command[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen3-VL-2B-Instruct"]
+    options = dict(zip(command, command[1:]))
+    assert options["--logits-processors"] == PROCESSOR and options["--port"] == "8123"
+    assert options["--tensor-parallel-size"] == "2" and options["--max-lora-rank"] == "32"
+    assert json.loads(options["--mm-processor-kwargs"]) == {"min_pixels": 320 * 320, "max_pixels": 448 * 448}
+    at = command.index("--lora-modules")
+    assert command[at + 1:at + 3] == [f"a={a.resolve()}", f"b={b.resolve()}"]
+    merged = serve_command(ServeArguments(adapter=[str(a)]), merged={str(a): str(tmp_path / "merged")})
+    assert merged[4] == str(tmp_path / "merged") and "--enable-lora" not in merged
+    assert merged[merged.index("--served-model-name") + 1] == "a"
+    other = _adapter(tmp_path / "c", "Qwen/Qwen3-VL-8B-Instruct", target_modules=LM)
+    with pytest.raises(ValueError, match="one server serves one model"):
+        serve_command(ServeArguments(adapter=[str(a), str(other)]))
