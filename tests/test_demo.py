@@ -1,8 +1,14 @@
-"""The reduced demo end to end: the same commands as `make demo`, smaller sizes."""
+"""The reduced demo end to end: the same commands as `make demo`, smaller sizes.
+
+The three reduced demos run at once (each stage is a subprocess; training stages take one thread,
+so on two cores three demos take about half the time of three in turn). Their answers do not depend
+on the load beside them, only on the pinned kernels and thread counts (:data:`bbox_sft.demo.PINNED_CPU`).
+"""
 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -10,10 +16,25 @@ import pytest
 from bbox_sft.demo import run_demo
 
 pytestmark = pytest.mark.slow
+PROFILES_RUN = ("fast", "objects_fast", "refer_fast")
 
 
-def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(tmp_path: Path) -> None:
-    report = run_demo("fast", output_dir=str(tmp_path / "outputs"), data_dir=str(tmp_path / "data"))
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory) -> dict[str, tuple[Future, Path]]:
+    """Each reduced demo's report (a future) and folder, all three started together."""
+    pool = ThreadPoolExecutor(len(PROFILES_RUN))
+    runs = {}
+    for profile in PROFILES_RUN:
+        tmp = tmp_path_factory.mktemp(profile)
+        runs[profile] = (pool.submit(run_demo, profile, output_dir=str(tmp / "outputs"), data_dir=str(tmp / "data")),
+                         tmp)
+    yield runs
+    pool.shutdown(wait=True)
+
+
+def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(demos) -> None:
+    future, tmp_path = demos["fast"]
+    report = future.result()
     out = tmp_path / "outputs"
     rows = report["rows"]
     assert set(rows) == {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
@@ -29,12 +50,13 @@ def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(tmp_p
     assert "base model: full fine-tuning on domain A" in report["stage_seconds"]
 
 
-def test_objects_fast_demo_runs_every_stage_of_the_objects_task(tmp_path: Path) -> None:
+def test_objects_fast_demo_runs_every_stage_of_the_objects_task(demos) -> None:
     """The objects profile in miniature: synthetic COCO sets, base, LoRA, eval rows, labelled predictions."""
     from bbox_sft.demo import PROFILES
     from bbox_sft.detection import DETECTION_METRIC_NAMES
 
-    report = run_demo("objects_fast", output_dir=str(tmp_path / "outputs"), data_dir=str(tmp_path / "data"))
+    future, tmp_path = demos["objects_fast"]
+    report = future.result()
     out, data = tmp_path / "outputs", tmp_path / "data"
     assert json.loads((data / "domain_b" / "build_report.json").read_text())["task"] == "objects"
     assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "objects"
@@ -54,10 +76,11 @@ def test_objects_fast_demo_runs_every_stage_of_the_objects_task(tmp_path: Path) 
     assert labels <= {"ellipse", "rectangle", "triangle", "star"}, labels
 
 
-def test_refer_fast_demo_runs_every_stage_of_the_refer_task(tmp_path: Path) -> None:
+def test_refer_fast_demo_runs_every_stage_of_the_refer_task(demos) -> None:
     """The refer profile in miniature: expressions on 2-3 shapes, base, LoRA, eval rows (with Qwen's RefCOCO
     wording), predictions for the held-out images' own expressions."""
-    report = run_demo("refer_fast", output_dir=str(tmp_path / "outputs"), data_dir=str(tmp_path / "data"))
+    future, tmp_path = demos["refer_fast"]
+    report = future.result()
     out, data = tmp_path / "outputs", tmp_path / "data"
     assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "refer"
     rows = report["rows"]
