@@ -124,7 +124,6 @@ class DetectionBoxes(datasets.GeneratorBasedBuilder):
             "data_dir": str(config.data_dir),
             "layout": export.layout,
             "annotation_files": {split or UNSPLIT: part.source for split, part, _ in reads},
-            "annotation_file": reads[0][1].source,
             "export_splits": [split for split, _ in export.parts] if export.split else None,
             "task": config.task,
             "categories": categories,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import datasets
 from tqdm.auto import tqdm
 
 from ..formats import LabelledBox
-from .detections import DetectionAnnotations, DetectionImage, Layout, coco_box
-from .refer import is_dataset_folder
+from .detections import DetectionAnnotations, Layout, coco_box
+from .sources import load_dataset_source
 
 SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
                "test": "test"}
@@ -59,7 +60,7 @@ class DetectionDatasetLayout(Layout):
 
     @staticmethod
     def load(source: str) -> datasets.DatasetDict:
-        loaded = datasets.load_from_disk(source) if is_dataset_folder(source) else datasets.load_dataset(source)
+        loaded = load_dataset_source(source)
         return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
     @classmethod
@@ -69,7 +70,7 @@ class DetectionDatasetLayout(Layout):
                 for name, split in loaded.items()}
 
     @classmethod
-    def find(cls, folder: Path) -> None:  # found by is_dataset_folder / a Hub id, not by a folder's files
+    def find(cls, folder: Path) -> None:  # found by is_dataset_source, not by a folder's files
         return None
 
     @property
@@ -94,7 +95,7 @@ class DetectionDatasetLayout(Layout):
         read = DetectionAnnotations([], list(self.names or []))
         seen: dict[str, None] = {}
         for path, objects in zip(paths, self.dataset["objects"]):
-            size, kept, lost = sizes.get(path), [], {}
+            size, kept, lost = sizes.get(path), [], Counter()
             for bbox, category in _rows(objects):
                 where = json.dumps({"bbox": bbox, "category": category}, default=str)
                 if size is None:
@@ -109,13 +110,11 @@ class DetectionDatasetLayout(Layout):
                         reason = None
                 if box is None:
                     read.skip(reason, where)
-                    lost[reason] = lost.get(reason, 0) + 1
+                    lost[reason] += 1
                 else:
                     seen.setdefault(label)
                     kept.append(LabelledBox(label, box))
-            width, height = size or (0, 0)
-            image_id = Path(path).stem.split("_", 1)[1]
-            read.images.append(DetectionImage(image_id, path, width, height, tuple(kept), tuple(sorted(lost.items()))))
+            read.add(Path(path).stem.split("_", 1)[1], path, size, kept, lost)
         if self.names is None:
             read.categories = sorted(seen)
         return read

@@ -59,6 +59,12 @@ class DetectionAnnotations:
         self.skipped[reason] += n
         self.examples.setdefault(reason, str(example)[:200])
 
+    def add(self, image_id: str, path: str, size: tuple[int, int] | None, objects: list[LabelledBox],
+            lost: Counter) -> None:
+        """One image read: its kept ``objects`` and its ``lost`` boxes by reason (``size`` None: skipped)."""
+        width, height = size or (0, 0)
+        self.images.append(DetectionImage(image_id, path, width, height, tuple(objects), tuple(sorted(lost.items()))))
+
 
 def finite_numbers(values: Any, n: int = 4) -> list[float] | None:
     """``values`` as ``n`` finite floats (JSON numbers or numeric strings), or None."""

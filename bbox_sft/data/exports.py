@@ -15,7 +15,7 @@ from pathlib import Path
 from .coco import CocoLayout
 from .detection_dataset import DetectionDatasetLayout
 from .detections import Layout
-from .refer import is_dataset_folder
+from .sources import is_dataset_source
 from .voc import VocLayout
 from .yolo import YoloLayout
 
@@ -64,7 +64,7 @@ def _single(folder: Path) -> Layout | None:
 def find_export(data_dir: str | Path, work_dir: Path) -> Export | None:
     """The detection export in ``data_dir``, or None; a ``datasets`` set's images go under ``work_dir``."""
     path = Path(data_dir)
-    if is_dataset_folder(path) or (not path.exists() and str(data_dir).count("/") == 1):
+    if is_dataset_source(data_dir):
         parts = DetectionDatasetLayout.splits_of(str(data_dir), work_dir)
         return Export(DetectionDatasetLayout.name, tuple(parts.items()))
     if not path.is_dir():
@@ -88,7 +88,7 @@ def find_export(data_dir: str | Path, work_dir: Path) -> Export | None:
 def has_detection(data_dir: str) -> bool:
     """Whether ``data_dir`` holds a detection export (reading annotation files only to tell the layout)."""
     path = Path(data_dir)
-    if is_dataset_folder(path) or (not path.exists() and str(data_dir).count("/") == 1):
+    if is_dataset_source(data_dir):
         return True
     if not path.is_dir():
         return False

@@ -36,6 +36,7 @@ from ..tasks import Annotation, get_task
 from .checks import check_image, image_bytes
 from .config import BoxesConfig
 from .detections import coco_box
+from .sources import is_dataset_source, load_dataset_source
 from .splits import SPLITS, assign_splits
 
 logger = logging.getLogger(__name__)
@@ -63,18 +64,10 @@ def find_refer_file(data_dir: str | Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def is_dataset_folder(data_dir: str | Path) -> bool:
-    """Whether ``data_dir`` holds a dataset written by ``save_to_disk``."""
-    path = Path(data_dir)
-    return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
-
-
 def has_refer(data_dir: str | Path) -> bool:
     """Whether ``data_dir`` holds referring expressions this module reads (a Hub id counts when offline too:
     loading it says what is wrong)."""
-    path = Path(data_dir)
-    return find_refer_file(path) is not None or is_dataset_folder(path) or (
-        not path.exists() and str(data_dir).count("/") == 1)
+    return find_refer_file(Path(data_dir)) is not None or is_dataset_source(data_dir)
 
 
 def read_jsonl(path: Path) -> tuple[list[ReferRow], Counter, dict[str, str]]:
@@ -105,7 +98,7 @@ def _expressions(value: Any) -> list[Any]:
 
 def rows_from_dataset(source: str, image_dir: Path) -> list[ReferRow]:
     """The rows of a ``datasets`` dataset (every split), its images written under ``image_dir``."""
-    loaded = datasets.load_from_disk(source) if is_dataset_folder(source) else datasets.load_dataset(source)
+    loaded = load_dataset_source(source)
     splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -130,3 +130,22 @@ def find_archives(data_dir: str | Path) -> list[Path]:
         for name in ARCHIVE_NAMES
         if (data_dir / name).is_file() and not (data_dir / name.removesuffix(".zip")).is_dir()
     ]
+
+
+def is_dataset_folder(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` holds a dataset written by ``save_to_disk``."""
+    path = Path(data_dir)
+    return (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()
+
+
+def is_dataset_source(data_dir: str | Path) -> bool:
+    """Whether ``data_dir`` names a ``datasets`` set: a ``save_to_disk`` folder, or (no such local path) a Hub
+    id ``owner/name`` (it counts offline too: loading it then says what is wrong)."""
+    return is_dataset_folder(data_dir) or (not Path(data_dir).exists() and str(data_dir).count("/") == 1)
+
+
+def load_dataset_source(source: str):
+    """The ``datasets`` set ``source`` names (:func:`is_dataset_source`): ``load_from_disk`` or ``load_dataset``."""
+    import datasets
+
+    return datasets.load_from_disk(source) if is_dataset_folder(source) else datasets.load_dataset(source)

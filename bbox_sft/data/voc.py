@@ -10,11 +10,12 @@ XML file that does not parse costs its image (counted in ``unreadable_files``), 
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from xml.etree import ElementTree
 
 from ..formats import LabelledBox
-from .detections import DetectionAnnotations, DetectionImage, Layout, pixel_box
+from .detections import DetectionAnnotations, Layout, pixel_box
 from .sources import IMAGE_SUFFIXES
 
 VOC_SPLITS = {"train": "train", "val": "validation", "test": "test"}
@@ -29,6 +30,7 @@ class VocLayout(Layout):
     def __init__(self, xml_dir: Path, image_dir: Path, stems: list[str] | None = None) -> None:
         self.xml_dir, self.image_dir, self.stems = xml_dir, image_dir, stems
         self._images: dict[Path, Path] | None = None
+        self._roots: dict[Path, ElementTree.Element | ElementTree.ParseError] = {}
 
     @classmethod
     def find(cls, folder: Path) -> VocLayout | None:
@@ -58,16 +60,17 @@ class VocLayout(Layout):
         return files if self.stems is None else [f for f in files if f.stem in set(self.stems)]
 
     def images(self) -> dict[Path, Path]:
-        """XML file -> its image (``<filename>`` when that file exists, else the image with the XML's stem)."""
+        """XML file -> its image (``<filename>`` when that file exists, else the image with the XML's stem);
+        each file is parsed here once, its tree (or its parse error) kept for :meth:`read`."""
         if self._images is None:
             by_stem = {p.stem: p for p in sorted(self.image_dir.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
-            self._images = {}
+            self._images, self._roots = {}, {}
             for xml in self.xml_files():
-                named = None
                 try:
-                    named = ElementTree.parse(xml).getroot().findtext("filename")
-                except ElementTree.ParseError:
-                    pass
+                    self._roots[xml] = ElementTree.parse(xml).getroot()
+                except ElementTree.ParseError as error:
+                    self._roots[xml] = error
+                named = self._roots[xml].findtext("filename") if not isinstance(self._roots[xml], Exception) else None
                 image = self.image_dir / named if named and (self.image_dir / named).is_file() else None
                 self._images[xml] = image or by_stem.get(xml.stem) or self.image_dir / f"{xml.stem}.jpg"
         return self._images
@@ -81,13 +84,12 @@ class VocLayout(Layout):
         read = DetectionAnnotations([], [])
         names: set[str] = set()
         for xml, image in self.images().items():
-            try:
-                root = ElementTree.parse(xml).getroot()
-            except ElementTree.ParseError as error:
+            root = self._roots[xml]
+            if isinstance(root, ElementTree.ParseError):
                 read.unreadable_files.append({"image": str(image), "file": str(xml), "reason": "unreadable_annotation",
-                                              "detail": f"XML does not parse: {error}"})
+                                              "detail": f"XML does not parse: {root}"})
                 continue
-            size, objects, lost = sizes.get(str(image)), [], {}
+            size, objects, lost = sizes.get(str(image)), [], Counter()
             for number, element in enumerate(root.findall("object"), 1):
                 where = f"{xml.name}: object {number}"
                 reason, box, label = None, None, (element.findtext("name") or "").strip()
@@ -108,12 +110,10 @@ class VocLayout(Layout):
                             read.fixed[note] += 1
                 if reason is not None:
                     read.skip(reason, where)
-                    lost[reason] = lost.get(reason, 0) + 1
+                    lost[reason] += 1
                 else:
                     names.add(label)
                     objects.append(LabelledBox(label, box))
-            width, height = size or (0, 0)
-            read.images.append(DetectionImage(image.stem, str(image), width, height, tuple(objects),
-                                              tuple(sorted(lost.items()))))
+            read.add(image.stem, str(image), size, objects, lost)
         read.categories = sorted(names)  # VOC declares no class list: the names its objects use
         return read

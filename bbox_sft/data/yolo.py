@@ -15,13 +15,14 @@ has its boxes counted as ``unknown_image``.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..formats import LabelledBox
-from .detections import DetectionAnnotations, DetectionImage, Layout, pixel_box
+from .detections import DetectionAnnotations, Layout, pixel_box
 from .sources import IMAGE_SUFFIXES
 
 YAML_NAMES = ("data.yaml", "dataset.yaml")
@@ -132,7 +133,7 @@ class YoloLayout(Layout):
         for image in images:
             labels, size = label_path(image), sizes.get(str(image))
             lines = [line for line in labels.read_text().splitlines() if line.strip()] if labels.is_file() else []
-            objects, lost = [], {}
+            objects, lost = [], Counter()
             for number, line in enumerate(lines, 1):
                 where = f"{labels.name}:{number}: {line}"
                 reason, box = None, None
@@ -155,12 +156,10 @@ class YoloLayout(Layout):
                                 read.fixed[note] += 1
                 if reason is not None:
                     read.skip(reason, where)
-                    lost[reason] = lost.get(reason, 0) + 1
+                    lost[reason] += 1
                 else:
                     objects.append(LabelledBox(self.names[index], box))
-            width, height = size or (0, 0)
-            read.images.append(DetectionImage(image.stem, str(image), width, height, tuple(objects),
-                                              tuple(sorted(lost.items()))))
+            read.add(image.stem, str(image), size, objects, lost)
         label_dir = label_path(self.image_dir / "x.jpg").parent
         stems = {label_path(image) for image in images}
         for orphan in sorted(label_dir.rglob("*.txt")) if label_dir.is_dir() else []:
