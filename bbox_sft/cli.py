@@ -6,6 +6,7 @@
     bbox-sft prepare  --download_help
     bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
     bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png] [--query "the red star"]
+    bbox-sft predict  --adapter outputs/run --dir photos/ --server http://127.0.0.1:8000/v1
     bbox-sft merge    --adapter outputs/run --output outputs/merged
     bbox-sft serve    --adapter outputs/run [--port 8000] [--tensor_parallel_size 2]
     bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
@@ -95,6 +96,12 @@ class PredictArguments:
                 "image and category ids come from --coco_annotations"})
     coco_annotations: str | None = field(default=None, metadata={
         "help": "--format coco: the COCO instances file the images belong to (ids by file name and category name)."})
+    server: str | None = field(default=None, metadata={
+        "help": "Ask a vLLM server started by `bbox-sft serve` (its URL, e.g. http://127.0.0.1:8000/v1) instead of "
+                "loading the model here: the same answers, the adapter folder still gives the task and calibration."})
+    model_name: str | None = field(default=None, metadata={
+        "help": "--server: the name the adapter is served under (default: the adapter folder's name)."})
+    max_in_flight: int = field(default=8, metadata={"help": "--server: requests sent at once."})
 
 
 def _predict(argv: list[str]) -> int:
@@ -121,8 +128,14 @@ def _predict(argv: list[str]) -> int:
         paths, query = read_queries(args.queries)
     else:
         paths = [Path(args.image)] if args.image else list(image_files(args.dir))
-    predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
-                                             batch_size=args.batch_size)
+    if args.server is not None:
+        from .server_client import ServerPredictor
+
+        predictor = ServerPredictor.from_pretrained(args.adapter, args.server, model=args.model_name,
+                                                    constrained=args.constrained, max_in_flight=args.max_in_flight)
+    else:
+        predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
+                                                 batch_size=args.batch_size)
     task = predictor.task
     if coco is not None and not task.answers_list:
         raise ValueError(f"--format coco is for objects and phrase models (this {task.name} model answers one box)")

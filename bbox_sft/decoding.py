@@ -342,20 +342,8 @@ def generate_answers(
                                                         max_new_tokens, synced_gpus)
             for row, i in enumerate(index):
                 raw = tokenizer.decode(written[row], skip_special_tokens=True)
-                box, letterbox = parse(raw), fitted[i][1]
-                if isinstance(box, list):  # a list task: every box back in the original frame
-                    objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
-                    scored = grammar is not None and grammar.scores_decisions
-                    scores = grammar.object_scores(written[row], decisions[row]) if scored else None
-                    if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
-                        scores = (scores + [1.0] * len(objects))[: len(objects)]
-                    results[i] = Prediction(None, raw, objects=objects, object_scores=scores)
-                    continue
-                if box is not None and letterbox is not None:
-                    box = letterbox.to_original(box)
-                spread = box_spread(choices[row], raw, answer_format) if grammar is not None else None
-                confidence = calibration.probability(spread, box) if calibration and box else None
-                results[i] = Prediction(box, raw, spread, confidence)
+                results[i] = answer_of(raw, written[row], choices[row], decisions[row], grammar, fitted[i][1],
+                                       parse, answer_format, calibration)
     finally:
         model.train(was_training)
     return results  # type: ignore[return-value]
@@ -379,11 +367,39 @@ def _generate(model: PreTrainedModel, batch, grammar: TokenGrammar | None, eos: 
             decisions.append({})
             continue
         logits = [out.logits[t][row] for t in range(len(ids))]
-        if grammar.scores_decisions:  # the list grammar: decisions scored, no digit choices
-            decisions.append(decision_logprobs(grammar, ids, logits))
-            choices.append([])
-            continue
-        decisions.append({})
-        mine = [_choice(grammar, grammar.state(ids[:t]), logits[t]) for t in range(len(ids))]
-        choices.append([c for c in mine if c is not None])
+        mine, scored = scored_steps(grammar, ids, logits)
+        choices.append(mine)
+        decisions.append(scored)
     return written, choices, decisions
+
+
+def scored_steps(grammar: TokenGrammar, ids: Sequence[int], logits: Sequence[torch.Tensor]
+                 ) -> tuple[list[Choice], dict[int, float]]:
+    """(the digit choices, the scored decisions) of an answer ``ids`` written under ``grammar``, from each
+    step's scores (``logits[t]``: any scores whose softmax over the allowed tokens is the model's, such as
+    transformers' logits or a server's log-probabilities after the grammar's mask)."""
+    if grammar.scores_decisions:  # the list grammar: decisions scored, no digit choices
+        return [], decision_logprobs(grammar, ids, logits)
+    mine = [_choice(grammar, grammar.state(list(ids[:t])), logits[t]) for t in range(min(len(ids), len(logits)))]
+    return [c for c in mine if c is not None], {}
+
+
+def answer_of(raw: str, written: Sequence[int], choices: Sequence[Choice], decisions: dict[int, float],
+              grammar: TokenGrammar | None, letterbox, parse: Callable[[str], Box | list[LabelledBox] | None],
+              answer_format: str | AnswerFormat, calibration: Calibration | None) -> Prediction:
+    """One :class:`Prediction` from an answer as written (text, tokens) and what the model thought at its
+    choices: boxes mapped back from a padded image's frame, spread, confidence, per-object scores. Both
+    engines (local decoding, a vLLM server) end here, so they report the same fields the same way."""
+    box = parse(raw)
+    if isinstance(box, list):  # a list task: every box back in the original frame
+        objects = [o._replace(box=letterbox.to_original(o.box)) for o in box] if letterbox else box
+        scored = grammar is not None and grammar.scores_decisions
+        scores = grammar.object_scores(list(written), decisions) if scored else None
+        if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
+            scores = (scores + [1.0] * len(objects))[: len(objects)]
+        return Prediction(None, raw, objects=objects, object_scores=scores)
+    if box is not None and letterbox is not None:
+        box = letterbox.to_original(box)
+    spread = box_spread(choices, raw, answer_format) if grammar is not None else None
+    confidence = calibration.probability(spread, box) if calibration and box else None
+    return Prediction(box, raw, spread, confidence)

@@ -10,7 +10,6 @@ split is streamed a few batches at a time.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -25,9 +24,9 @@ from tqdm.auto import tqdm
 from .boxes import iou
 from .calibration import Calibration, confidence_metrics, save_reliability_plot
 from .data.prepare import load_or_build_dataset
-from .decoding import Prediction, generate_answers
+from .decoding import Prediction
 from .images import ImageError, open_image
-from .predict import BoxPredictor, adapter_base, load_for_inference, resolve_adapter
+from .predict import BoxPredictor, Predictor, adapter_base, load_for_inference, resolve_adapter
 from .saved_run import SavedRun
 from .tasks import Task
 from .visualize import image_grid
@@ -56,6 +55,11 @@ class EvalArguments:
     native_pick: str = field(default="first", metadata={"help": "Native answers with several boxes: "
                                                                  "'first' or 'largest'."})
     native_max_new_tokens: int = field(default=128, metadata={"help": "Token budget of a native answer."})
+    server: str | None = field(default=None, metadata={
+        "help": "Ask a vLLM server started by `bbox-sft serve` (its URL, e.g. http://127.0.0.1:8000/v1) instead "
+                "of loading the model here; the base rows come from the same server when it serves the adapter "
+                "as a LoRA."})
+    max_in_flight: int = field(default=8, metadata={"help": "--server: requests sent at once."})
 
 
 def decode_records(split: datasets.Dataset, processor=None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -94,14 +98,25 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
     task = run.task
     task.check_dataset(split, args.dataset)
     prior = task.prior(dataset, args.split)
-    model, processor = load_for_inference(adapter_dir, args.base)
+    labels = run.labels or task.labels(split)
     calibration = Calibration.load(adapter_dir) if task.calibrates else None
-    predictor = BoxPredictor(model, processor, answer_format=run.answer_format.name, constrained=args.constrained,
-                             batch_size=args.batch_size, calibration=calibration, task=task,
-                             labels=run.labels or task.labels(split), max_objects=run.max_objects)
-    has_base = adapter_base(adapter_dir) is not None and predictor.has_adapter
+    predictor: Predictor
+    if args.server is not None:
+        from .server_client import ServerPredictor
+
+        predictor = ServerPredictor.from_pretrained(adapter_dir, args.server, constrained=args.constrained,
+                                                    calibration=calibration, task=task, labels=labels,
+                                                    max_in_flight=args.max_in_flight, batch_size=args.batch_size)
+        has_base, qwen_vl = predictor.has_base, True  # a vLLM server runs Qwen-VL models here
+    else:
+        model, processor = load_for_inference(adapter_dir, args.base)
+        predictor = BoxPredictor(model, processor, answer_format=run.answer_format.name, constrained=args.constrained,
+                                 batch_size=args.batch_size, calibration=calibration, task=task,
+                                 labels=labels, max_objects=run.max_objects)
+        has_base, qwen_vl = adapter_base(adapter_dir) is not None and predictor.has_adapter, is_qwen_vl(model)
+    processor = predictor.processor
     native = task.native_row is not None and (
-        args.native_baseline if args.native_baseline is not None else has_base and is_qwen_vl(model))
+        args.native_baseline if args.native_baseline is not None else has_base and qwen_vl)
     parse_native = functools.partial(task.parse_native, pick=args.native_pick) if native else None
 
     out = Path(args.output_dir)
@@ -117,14 +132,11 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
             mine = predictor.predict(images, query=queries)
             theirs: list[Prediction | None] = [None] * len(images)
             asked: list[Prediction | None] = [None] * len(images)
-            with predictor.without_adapter() if has_base else contextlib.nullcontext():
-                if has_base:
-                    theirs = predictor.predict(images, query=queries)
-                if native:
-                    asked = generate_answers(model, processor, images, task=task, constrained=False,
-                                             batch_size=args.batch_size, max_new_tokens=args.native_max_new_tokens,
-                                             progress=False, instruction=[task.native_instruction(q) for q in queries],
-                                             parse=parse_native)
+            if has_base:
+                theirs = predictor.predict(images, query=queries, adapter=False)
+            if native:
+                asked = predictor.native(images, [task.native_instruction(q) for q in queries], parse_native,
+                                         args.native_max_new_tokens)
             for record, p, b, q in zip(records, mine, theirs, asked):
                 line = {"image_id": record["image_id"], **({"query": record["query"]} if "query" in record else {}),
                         "truth": task.truth_json(record), **task.answer_json(p)}

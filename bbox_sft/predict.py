@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -112,7 +112,62 @@ class ImageResult:
         return {"image": self.path, **self.task.result_json(self.prediction, self.width, self.height, self.query)}
 
 
-class BoxPredictor:
+class Predictor:
+    """What answers a task's question with boxes, whatever the engine: :class:`BoxPredictor` runs the model
+    here (transformers + our decoder), :class:`~bbox_sft.server_client.ServerPredictor` asks a vLLM server.
+    Both give the same :class:`~bbox_sft.decoding.Prediction` for the same image; predict and eval take either."""
+
+    task: Task
+    processor: ProcessorMixin
+    batch_size: int = 8
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the base model can be asked too (``predict(..., adapter=False)``)."""
+        raise NotImplementedError
+
+    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
+                query: str | Sequence[str | None] | None = None) -> list[Prediction]:
+        raise NotImplementedError
+
+    def native(self, images: Sequence[Image.Image], instructions: Sequence[str],
+               parse: Callable[[str], object], max_new_tokens: int) -> list[Prediction]:
+        """The base model's unconstrained answers to ``instructions`` (Qwen-VL's own words), read by ``parse``."""
+        raise NotImplementedError
+
+    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
+                      query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
+        """Results for image files, in the order given, a window of a few batches at a time.
+
+        Each image is decoded small and shrunk to the processor's size as it is read, and at most
+        ``window`` images (default: 4 batches) are held at once, so memory does not grow with the
+        number of files. A file that cannot be read gets a result with its error; the rest go on.
+        ``query``: one for every file, or one per file.
+        """
+        window = window or 4 * self.batch_size
+        queries = iter(query) if isinstance(query, (list, tuple)) else None
+        paths = iter(paths)
+        while chunk := [str(p) for p in islice(paths, window)]:
+            asked = [next(queries) for _ in chunk] if queries is not None else [query] * len(chunk)
+            results: list[ImageResult | None] = [None] * len(chunk)
+            loaded: list[tuple[int, Image.Image]] = []
+            for i, path in enumerate(chunk):
+                try:
+                    image, (width, height) = open_image(path, self.processor)
+                except ImageError as error:
+                    logger.error("%s: %s", path, error)
+                    results[i] = ImageResult(path, None, error=str(error), query=asked[i], task=self.task)
+                    continue
+                loaded.append((i, image))
+                results[i] = ImageResult(path, None, width, height, query=asked[i], task=self.task)
+            predictions = self.predict([image for _, image in loaded], adapter=adapter,
+                                       query=[asked[i] for i, _ in loaded])
+            for (i, _), prediction in zip(loaded, predictions):
+                results[i].prediction = prediction  # type: ignore[union-attr]
+            yield from results  # type: ignore[misc]
+
+
+class BoxPredictor(Predictor):
     """A model that answers its task's question with boxes: one image or many, one query or one per image."""
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
@@ -185,36 +240,15 @@ class BoxPredictor:
                     results[i] = answer
         return results  # type: ignore[return-value]
 
-    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
-                      query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
-        """Results for image files, in the order given, a window of a few batches at a time.
+    @property
+    def has_base(self) -> bool:
+        return self.has_adapter
 
-        Each image is decoded small and shrunk to the processor's size as it is read, and at most
-        ``window`` images (default: 4 batches) are held at once, so memory does not grow with the
-        number of files. A file that cannot be read gets a result with its error; the rest go on.
-        ``query``: one for every file, or one per file.
-        """
-        window = window or 4 * self.batch_size
-        queries = iter(query) if isinstance(query, (list, tuple)) else None
-        paths = iter(paths)
-        while chunk := [str(p) for p in islice(paths, window)]:
-            asked = [next(queries) for _ in chunk] if queries is not None else [query] * len(chunk)
-            results: list[ImageResult | None] = [None] * len(chunk)
-            loaded: list[tuple[int, Image.Image]] = []
-            for i, path in enumerate(chunk):
-                try:
-                    image, (width, height) = open_image(path, self.processor)
-                except ImageError as error:
-                    logger.error("%s: %s", path, error)
-                    results[i] = ImageResult(path, None, error=str(error), query=asked[i], task=self.task)
-                    continue
-                loaded.append((i, image))
-                results[i] = ImageResult(path, None, width, height, query=asked[i], task=self.task)
-            predictions = self.predict([image for _, image in loaded], adapter=adapter,
-                                       query=[asked[i] for i, _ in loaded])
-            for (i, _), prediction in zip(loaded, predictions):
-                results[i].prediction = prediction  # type: ignore[union-attr]
-            yield from results  # type: ignore[misc]
+    def native(self, images, instructions, parse, max_new_tokens) -> list[Prediction]:
+        with self.without_adapter() if self.has_adapter else contextlib.nullcontext():
+            return generate_answers(self.model, self.processor, images, task=self.task, constrained=False,
+                                    batch_size=self.batch_size, max_new_tokens=max_new_tokens, progress=False,
+                                    instruction=list(instructions), parse=parse)
 
 
 def trained_args(adapter_dir: str | Path) -> dict:

