@@ -53,3 +53,17 @@ def test_a_malformed_spec_is_refused_and_a_request_without_one_is_left_alone() -
         GrammarSpec.from_args({"bbox_format": "json", "bbox_labels": ["car"], "bbox_max_objects": 0})
     with pytest.raises(ValueError):
         GrammarSpec.from_args({"bbox_format": "yaml"})
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_a_list_bounded_at_one_object_builds_and_stops_after_one(qwen_tokenizer, answer_format: str) -> None:
+    from bbox_sft.formats import get_format
+    from bbox_sft.grammar.spec import GrammarSpec
+
+    grammar = GrammarSpec(answer_format, ("car", "person"), max_objects=1).build(qwen_tokenizer)
+    one = [LabelledBox("car", Box(0.1, 0.2, 0.5, 0.6))]
+    ids = qwen_tokenizer.encode(get_format(answer_format).objects_text(one), add_special_tokens=False)
+    assert all(token in grammar.allowed(ids[:t]) for t, token in enumerate(ids))
+    assert grammar.allowed(ids) == [grammar.eos]  # a second object is not allowed: the list is closed
+    two = qwen_tokenizer.encode(get_format(answer_format).objects_text(one * 2), add_special_tokens=False)
+    assert any(token not in grammar.allowed(two[:t]) for t, token in enumerate(two))

@@ -176,6 +176,13 @@ def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> N
     _assert_same(mine, theirs)
     assert sum(len(r.prediction.objects) for r in mine) > 0  # lists with objects in them were compared
     assert all({o.label for o in r.prediction.objects} <= set(LABELS) for r in theirs)
+    # the list's bound binds on the server as here: one object at most where the model would write more
+    longer = [r.path for r in mine if len(r.prediction.objects) >= 2]
+    assert longer, "some answers hold two objects or more"
+    local.max_objects = remote.max_objects = 1
+    cut = list(local.predict_files(longer))
+    _assert_same(cut, list(remote.predict_files(longer)))
+    assert all(len(r.prediction.objects) == 1 for r in cut)
 
 
 def test_eval_through_the_server_gives_the_local_report(served, box_dataset_dir: Path, tmp_path: Path) -> None:

@@ -101,9 +101,11 @@ class ListGrammar(TokenGrammar):
         self._states.clear()
 
     def _samples(self) -> list[list[LabelledBox]]:
+        """Answers the grammar must write as training wrote them (none longer than its bound)."""
         a, b = self.labels[0], self.labels[-1]
-        return [[], [LabelledBox(a, Box(0.13, 0.22, 0.54, 0.78))],
-                [LabelledBox(a, Box(0.0, 0.05, 0.5, 1.0)), LabelledBox(b, Box(0.5, 0.1, 1.0, 0.37))]]
+        samples = [[], [LabelledBox(a, Box(0.13, 0.22, 0.54, 0.78))],
+                   [LabelledBox(a, Box(0.0, 0.05, 0.5, 1.0)), LabelledBox(b, Box(0.5, 0.1, 1.0, 0.37))]]
+        return [objects for objects in samples if len(objects) <= self.max_objects]
 
     # --- the automaton ---------------------------------------------------------------------------
 
