@@ -5,6 +5,8 @@
 (a) BoxPredictor, constrained, forced runs fast-forwarded (batches of 8);
 (b) the same grammar through transformers' ``generate`` (one decode step per token, batches of 8);
 (c) ``bbox-sft serve`` (vLLM, grammar as its logits processor) asked by ``ServerPredictor``, 8 in flight;
+(d) the server writing as many tokens as (c) without the grammar, and (e) one token only (what a request
+costs before decoding: HTTP, vLLM's image processing, the prefill), both 8 in flight;
 then the server's latency per request, p50 / p95, with 1 client and with 8 clients at once.
 Every engine reads the same files the same way (decoded small, resized to the processor's target);
 the answers of (b) and (c) are compared with (a)'s. Without ``--adapter`` a tiny random Qwen3-VL (the
@@ -79,6 +81,22 @@ def timed(results) -> tuple[list, float]:
     return out, len(out) / (time.perf_counter() - start)
 
 
+def raw_requests(remote: ServerPredictor, paths: list[Path], max_tokens: int, clients: int = 8) -> float:
+    """Images/s of plain requests with no grammar, each forced to write ``max_tokens`` tokens."""
+    import httpx
+
+    from bbox_sft.server_client import chat_request, data_url
+
+    urls = [data_url(open_image(p, remote.processor)[0]) for p in paths]
+    body = lambda url: {**chat_request(remote.model, url, remote.task.instruction(), max_tokens, None),  # noqa: E731
+                        "ignore_eos": True, "logprobs": False}
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(lambda u: httpx.post(f"{remote.server}/chat/completions", json=body(u), timeout=600)
+                      .raise_for_status(), urls))
+    return len(urls) / (time.perf_counter() - start)
+
+
 def latencies(remote: ServerPredictor, paths: list[Path], clients: int) -> list[float]:
     """Seconds per request, ``clients`` clients each sending its share one request at a time."""
     prepared = [open_image(p, remote.processor)[0] for p in paths]
@@ -134,7 +152,12 @@ def main() -> None:
             print(f"  (b) generate + grammar          : {speed_b:7.1f} images/s, answers = (a) on {same_b}/{len(a)}")
             print(f"  (c) vLLM server, 8 in flight    : {speed_c:7.1f} images/s, answers = (a) on {same_c}/{len(a)}, "
                   f"largest spread difference {spread:.2g}")
-            print(f"  (c) vs (a): {speed_c / speed_a:.2f}x; (c) vs (b): {speed_c / speed_b:.2f}x")
+            tokens = round(statistics.mean(len(local.processor.tokenizer.encode(x.prediction.raw)) + 1 for x in a))
+            speed_d, speed_e = raw_requests(remote, paths, tokens), raw_requests(remote, paths, 1)
+            print(f"  (d) server, no grammar, {tokens} tokens: {speed_d:7.1f} images/s")
+            print(f"  (e) server, one token (prefill)  : {speed_e:7.1f} images/s")
+            print(f"  (c) vs (a): {speed_c / speed_a:.2f}x; (c) vs (b): {speed_c / speed_b:.2f}x; "
+                  f"(c) vs (d), the grammar's cost on the server: {speed_c / speed_d:.2f}x")
             for clients in (1, 8):
                 seen = sorted(latencies(remote, paths[:64], clients))
                 p95 = seen[min(len(seen) - 1, round(0.95 * (len(seen) - 1)))]
