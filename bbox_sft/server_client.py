@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -88,13 +89,22 @@ def _token_id(token: str) -> int:
     return int(token.removeprefix("token_id:"))
 
 
-def step_scores(step: dict[str, Any], size: int) -> torch.Tensor:
-    """One step's returned log-probabilities as a score vector: the listed tokens at their values, the rest
-    (masked by the grammar, or below the top 20) at -inf, so a softmax over allowed tokens is the model's."""
-    scores = torch.full((size,), float("-inf"))
+def step_scores(step: dict[str, Any], size: int, allowed: Sequence[int] = ()) -> torch.Tensor:
+    """One step's returned log-probabilities as a score vector whose softmax over the ``allowed`` tokens is the
+    model's: the listed tokens at their values, the rest at -inf. When more tokens were allowed than listed
+    (a label chosen among more than 20 first tokens), the mass below the top 20 goes on one unlisted allowed
+    token, so every listed token, the written one among them, keeps its exact probability."""
+    listed: dict[int, float] = {}
     for entry in [*(step.get("top_logprobs") or []), step]:
         if entry["logprob"] > MASKED:
-            scores[_token_id(entry["token"])] = float(entry["logprob"])
+            listed[_token_id(entry["token"])] = float(entry["logprob"])
+    scores = torch.full((size,), float("-inf"))
+    for token, logprob in listed.items():
+        scores[token] = logprob
+    missing = [token for token in allowed if token not in listed]
+    if missing:
+        rest = 1.0 - sum(math.exp(v) for v in listed.values())
+        scores[missing[0]] = math.log(max(rest, 1e-30))
     return scores
 
 
@@ -196,7 +206,8 @@ class ServerPredictor(Predictor):
         choices, decisions = [], {}
         if grammar is not None and steps:
             size = max(len(self.tokenizer), max(ids) + 1)
-            choices, decisions = scored_steps(grammar, ids, [step_scores(s, size) for s in steps])
+            scores = [step_scores(s, size, grammar.allowed(ids[:t])) for t, s in enumerate(steps)]
+            choices, decisions = scored_steps(grammar, ids, scores)
         calibration = self.calibration if adapter and self.task.calibrates else None
         return answer_of(raw, ids, choices, decisions, grammar, letterbox, parse or self.task.parse,
                          self.answer_format, calibration)

@@ -51,3 +51,29 @@ def test_the_vllm_command_carries_grammar_pixel_budget_and_loras(tmp_path) -> No
     other = _adapter(tmp_path / "c", "Qwen/Qwen3-VL-8B-Instruct", target_modules=LM)
     with pytest.raises(ValueError, match="one server serves one model"):
         serve_command(ServeArguments(adapter=[str(a), str(other)]))
+
+
+def test_scores_rebuilt_from_the_top_20_keep_the_written_tokens_probability_among_more_allowed() -> None:
+    """A list decision among 30 allowed tokens, of which the server lists the top 20 (vLLM's processed
+    log-probabilities, after the grammar's mask): the written token's log-probability among the allowed ones
+    comes out as the model's, and a digit step (11 allowed) gives the model's distribution exactly."""
+    import torch
+
+    from bbox_sft.decoding import _logprob
+    from bbox_sft.server_client import step_scores
+
+    torch.manual_seed(0)
+    logits = torch.randn(200) * 3
+    for allowed in (list(range(40, 70)), list(range(100, 111))):
+        masked = torch.full_like(logits, float("-inf"))
+        masked[allowed] = logits[allowed]
+        processed = masked.log_softmax(-1)
+        top = processed.topk(20)
+        listed = [{"token": f"token_id:{int(t)}", "logprob": float(v) if v > -1e30 else -9999.0}
+                  for v, t in zip(top.values, top.indices)]
+        for written in (int(top.indices[0]), int(top.indices[min(len(allowed), 20) - 1])):
+            step = {"token": f"token_id:{written}", "logprob": float(processed[written]), "top_logprobs": listed}
+            rebuilt = step_scores(step, 200, allowed)
+            assert abs(_logprob(rebuilt, allowed, written) - float(processed[written])) < 1e-5
+        if len(allowed) <= 20:  # every allowed token listed: the whole distribution, as the model's
+            assert torch.allclose(rebuilt[allowed].softmax(-1), logits[allowed].softmax(-1), atol=1e-6)
