@@ -93,8 +93,9 @@ def serve_command(args: ServeArguments, merged: dict[str, str] | None = None) ->
     if len(sides) == 1 and None not in next(iter(sides)):
         low, high = next(iter(sides))
         command += ["--mm-processor-kwargs", json.dumps({"min_pixels": low * low, "max_pixels": high * high})]
-    if not loras:  # a merged adapter answers under its own name, as a LoRA module would
-        command += ["--served-model-name", Path(args.adapter[0]).name]
+    served_as = [Path(a).name for a in args.adapter if a in merged]
+    if served_as:  # a merged adapter answers under its own name, as a LoRA module would (LoRAs may sit on it)
+        command += ["--served-model-name", served_as[0]]
     if loras:
         ranks = [json.loads((Path(a) / "adapter_config.json").read_text())["r"] for a in loras]
         command += ["--enable-lora", "--max-lora-rank", str(args.max_lora_rank or max(ranks)), "--lora-modules",

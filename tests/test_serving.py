@@ -77,3 +77,27 @@ def test_scores_rebuilt_from_the_top_20_keep_the_written_tokens_probability_amon
             assert abs(_logprob(rebuilt, allowed, written) - float(processed[written])) < 1e-5
         if len(allowed) <= 20:  # every allowed token listed: the whole distribution, as the model's
             assert torch.allclose(rebuilt[allowed].softmax(-1), logits[allowed].softmax(-1), atol=1e-6)
+
+
+def test_a_full_model_folder_is_served_as_it_is(tmp_path) -> None:
+    from bbox_sft.serving import ServeArguments, prepare
+
+    folder = tmp_path / "objects-run"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "bbox_sft_args.json").write_text(json.dumps({"task": "objects", "labels": ["car"]}))
+    command, env, said = prepare(ServeArguments(adapter=[str(folder)]))
+    assert command[4] == str(folder) and command[command.index("--served-model-name") + 1] == "objects-run"
+    assert "--enable-lora" not in command and not (folder / "merged").exists()
+    assert "served as it is" in said[0] and str(Path(__file__).resolve().parents[1]) in env["PYTHONPATH"]
+
+
+def test_loras_on_a_merged_adapter_share_its_server_and_it_keeps_its_name(tmp_path) -> None:
+    from bbox_sft.serving import ServeArguments, serve_command
+
+    merged_dir = tmp_path / "vision" / "merged"
+    vision = _adapter(tmp_path / "vision", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, modules_to_save=["merger"])
+    lm = _adapter(tmp_path / "lm", str(merged_dir), target_modules=LM)
+    command = serve_command(ServeArguments(adapter=[str(vision), str(lm)]), merged={str(vision): str(merged_dir)})
+    assert command[4] == str(merged_dir) and command[command.index("--served-model-name") + 1] == "vision"
+    assert command[command.index("--lora-modules") + 1] == f"lm={lm.resolve()}"

