@@ -25,7 +25,7 @@ import re
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .saved_run import SavedRun
@@ -108,7 +108,11 @@ def serve_command(args: ServeArguments, merged: dict[str, str] | None = None) ->
 
 
 def prepare(args: ServeArguments) -> tuple[list[str], dict[str, str], list[str]]:
-    """Merge the adapters vLLM cannot load; the vLLM command, its environment, and what was decided (logged)."""
+    """Merge the adapters vLLM cannot load; the vLLM command, its environment, and what was decided (logged).
+    Adapters given as Hub repo ids are fetched first (``resolve_adapter``), as ``predict`` does."""
+    from .predict import resolve_adapter
+
+    args = replace(args, adapter=[str(resolve_adapter(a)) for a in args.adapter])
     merged, said = {}, []
     for adapter in args.adapter:
         if not (Path(adapter) / "adapter_config.json").is_file() and (Path(adapter) / "config.json").is_file():

@@ -101,3 +101,11 @@ def test_loras_on_a_merged_adapter_share_its_server_and_it_keeps_its_name(tmp_pa
     command = serve_command(ServeArguments(adapter=[str(vision), str(lm)]), merged={str(vision): str(merged_dir)})
     assert command[4] == str(merged_dir) and command[command.index("--served-model-name") + 1] == "vision"
     assert command[command.index("--lora-modules") + 1] == f"lm={lm.resolve()}"
+
+
+def test_an_adapter_named_by_hub_id_is_fetched_as_predict_fetches_it() -> None:
+    from bbox_sft.predict import AdapterError
+    from bbox_sft.serving import ServeArguments, prepare
+
+    with pytest.raises(AdapterError, match="nobody/no-such-adapter: no such local folder, and the Hub repo"):
+        prepare(ServeArguments(adapter=["nobody/no-such-adapter"]))  # offline here: the fetch is tried, and fails
