@@ -106,7 +106,7 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
 
         predictor = ServerPredictor.from_pretrained(adapter_dir, args.server, constrained=args.constrained,
                                                     calibration=calibration, task=task, labels=labels,
-                                                    max_in_flight=args.max_in_flight, batch_size=args.batch_size)
+                                                    max_in_flight=args.max_in_flight)
         has_base, qwen_vl = predictor.has_base, True  # a vLLM server runs Qwen-VL models here
     else:
         model, processor = load_for_inference(adapter_dir, args.base)

@@ -119,7 +119,6 @@ class Predictor:
 
     task: Task
     processor: ProcessorMixin
-    batch_size: int = 8
 
     @property
     def has_base(self) -> bool:
@@ -134,6 +133,107 @@ class Predictor:
                parse: Callable[[str], object], max_new_tokens: int) -> list[Prediction]:
         """The base model's unconstrained answers to ``instructions`` (Qwen-VL's own words), read by ``parse``."""
         raise NotImplementedError
+
+    def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
+                      query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
+        """Results for image files in the order given (``query``: one for every file, or one per file); a file
+        that cannot be read gets a result with its error and the rest go on."""
+        raise NotImplementedError
+
+    def _queries(self, images: Sequence[Image.Image], query: str | Sequence[str | None] | None) -> list[str | None]:
+        """One query per image, each one the task accepts."""
+        queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
+        if len(queries) != len(images):
+            raise ValueError(f"{len(queries)} queries for {len(images)} images")
+        for q in set(queries):
+            self.task.check_query(q)
+        return queries
+
+    @staticmethod
+    def saved_kwargs(adapter_dir: Path, kwargs: dict) -> dict:
+        """``kwargs`` completed with what the run saved beside its model: task, answer format, labels, the list
+        bound and the calibration (what a user passes wins)."""
+        saved = SavedRun.read(adapter_dir)
+        kwargs.setdefault("answer_format", saved.answer_format.name)
+        kwargs.setdefault("task", saved.task)
+        kwargs.setdefault("labels", saved.labels)
+        kwargs.setdefault("max_objects", saved.max_objects)
+        kwargs.setdefault("calibration", Calibration.load(adapter_dir))
+        return kwargs
+
+
+class BoxPredictor(Predictor):
+    """A model that answers its task's question with boxes: one image or many, one query or one per image."""
+
+    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
+                 constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
+                 task: str | Task = "subject", max_new_tokens: int | None = None,
+                 labels: Sequence[str] | None = None, max_objects: int | None = None) -> None:
+        self.task = get_task(task)
+        self.labels = list(labels) if labels is not None else None  # list tasks: what constrained answers may name
+        self.max_objects = max_objects  # list tasks: the longest answer training saw (the grammar's bound)
+        self.max_new_tokens = max_new_tokens  # None: the task's budget for its grammar
+        self.model = model
+        self.calibration = calibration
+        self.processor = processor
+        self.answer_format = answer_format
+        self.constrained = constrained
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(cls, adapter: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
+        """Load an adapter folder or Hub repo id (with its base model, processor, run description and calibration)."""
+        adapter_dir = resolve_adapter(adapter)
+        model, processor = load_for_inference(adapter_dir, base)
+        return cls(model, processor, **cls.saved_kwargs(adapter_dir, kwargs))
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether the model carries a peft adapter that can be turned off (not a merged or full model)."""
+        return hasattr(self.model, "disable_adapter")
+
+    @contextlib.contextmanager
+    def without_adapter(self) -> Iterator[None]:
+        """The base model's answers inside this block: peft's ``disable_adapter``, nothing reloaded."""
+        if not self.has_adapter:
+            raise AdapterError("this model has no adapter to turn off (a full or merged model)")
+        with self.model.disable_adapter():
+            yield
+
+    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
+                query: str | Sequence[str | None] | None = None) -> list[Prediction]:
+        """Answers for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated).
+
+        ``query`` is what a phrase model finds (a category) or a refer model locates (a description):
+        one for every image, or one per image. Questions that share a grammar share batches.
+        """
+        queries = self._queries(images, query)
+        options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained,
+                       batch_size=self.batch_size, progress=progress, labels=self.labels,
+                       max_new_tokens=self.max_new_tokens, max_objects=self.max_objects,
+                       calibration=self.calibration if adapter and self.task.calibrates else None)
+        results: list[Prediction | None] = [None] * len(images)
+        groups: dict[str | None, list[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault(self.task.grammar_key(q), []).append(i)
+        with contextlib.nullcontext() if adapter else self.without_adapter():
+            for key, index in groups.items():
+                answers = generate_answers(self.model, self.processor, [images[i] for i in index],
+                                           instruction=[self.task.instruction(queries[i]) for i in index],
+                                           query=key, **options)
+                for i, answer in zip(index, answers):
+                    results[i] = answer
+        return results  # type: ignore[return-value]
+
+    @property
+    def has_base(self) -> bool:
+        return self.has_adapter
+
+    def native(self, images, instructions, parse, max_new_tokens) -> list[Prediction]:
+        with self.without_adapter() if self.has_adapter else contextlib.nullcontext():
+            return generate_answers(self.model, self.processor, images, task=self.task, constrained=False,
+                                    batch_size=self.batch_size, max_new_tokens=max_new_tokens, progress=False,
+                                    instruction=list(instructions), parse=parse)
 
     def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
                       query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
@@ -165,90 +265,6 @@ class Predictor:
             for (i, _), prediction in zip(loaded, predictions):
                 results[i].prediction = prediction  # type: ignore[union-attr]
             yield from results  # type: ignore[misc]
-
-
-class BoxPredictor(Predictor):
-    """A model that answers its task's question with boxes: one image or many, one query or one per image."""
-
-    def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, answer_format: str = "json",
-                 constrained: bool = True, batch_size: int = 8, calibration: Calibration | None = None,
-                 task: str | Task = "subject", max_new_tokens: int | None = None,
-                 labels: Sequence[str] | None = None, max_objects: int | None = None) -> None:
-        self.task = get_task(task)
-        self.labels = list(labels) if labels is not None else None  # list tasks: what constrained answers may name
-        self.max_objects = max_objects  # list tasks: the longest answer training saw (the grammar's bound)
-        self.max_new_tokens = max_new_tokens  # None: the task's budget for its grammar
-        self.model = model
-        self.calibration = calibration
-        self.processor = processor
-        self.answer_format = answer_format
-        self.constrained = constrained
-        self.batch_size = batch_size
-
-    @classmethod
-    def from_pretrained(cls, adapter: str | Path, base: str | None = None, **kwargs) -> BoxPredictor:
-        """Load an adapter folder or Hub repo id (with its base model, processor, run description and calibration)."""
-        adapter_dir = resolve_adapter(adapter)
-        model, processor = load_for_inference(adapter_dir, base)
-        saved = SavedRun.read(adapter_dir)  # what the run trained
-        kwargs.setdefault("answer_format", saved.answer_format.name)
-        kwargs.setdefault("task", saved.task)
-        kwargs.setdefault("labels", saved.labels)
-        kwargs.setdefault("max_objects", saved.max_objects)
-        kwargs.setdefault("calibration", Calibration.load(adapter_dir))
-        return cls(model, processor, **kwargs)
-
-    @property
-    def has_adapter(self) -> bool:
-        """Whether the model carries a peft adapter that can be turned off (not a merged or full model)."""
-        return hasattr(self.model, "disable_adapter")
-
-    @contextlib.contextmanager
-    def without_adapter(self) -> Iterator[None]:
-        """The base model's answers inside this block: peft's ``disable_adapter``, nothing reloaded."""
-        if not self.has_adapter:
-            raise AdapterError("this model has no adapter to turn off (a full or merged model)")
-        with self.model.disable_adapter():
-            yield
-
-    def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
-                query: str | Sequence[str | None] | None = None) -> list[Prediction]:
-        """Answers for ``images``; ``adapter=False`` asks the base model (no confidence: it is not calibrated).
-
-        ``query`` is what a phrase model finds (a category) or a refer model locates (a description):
-        one for every image, or one per image. Questions that share a grammar share batches.
-        """
-        queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
-        if len(queries) != len(images):
-            raise ValueError(f"{len(queries)} queries for {len(images)} images")
-        for q in set(queries) if isinstance(query, (list, tuple)) else {query}:
-            self.task.check_query(q)
-        options = dict(task=self.task, answer_format=self.answer_format, constrained=self.constrained,
-                       batch_size=self.batch_size, progress=progress, labels=self.labels,
-                       max_new_tokens=self.max_new_tokens, max_objects=self.max_objects,
-                       calibration=self.calibration if adapter and self.task.calibrates else None)
-        results: list[Prediction | None] = [None] * len(images)
-        groups: dict[str | None, list[int]] = {}
-        for i, q in enumerate(queries):
-            groups.setdefault(self.task.grammar_key(q), []).append(i)
-        with contextlib.nullcontext() if adapter else self.without_adapter():
-            for key, index in groups.items():
-                answers = generate_answers(self.model, self.processor, [images[i] for i in index],
-                                           instruction=[self.task.instruction(queries[i]) for i in index],
-                                           query=key, **options)
-                for i, answer in zip(index, answers):
-                    results[i] = answer
-        return results  # type: ignore[return-value]
-
-    @property
-    def has_base(self) -> bool:
-        return self.has_adapter
-
-    def native(self, images, instructions, parse, max_new_tokens) -> list[Prediction]:
-        with self.without_adapter() if self.has_adapter else contextlib.nullcontext():
-            return generate_answers(self.model, self.processor, images, task=self.task, constrained=False,
-                                    batch_size=self.batch_size, max_new_tokens=max_new_tokens, progress=False,
-                                    instruction=list(instructions), parse=parse)
 
 
 def trained_args(adapter_dir: str | Path) -> dict:

@@ -50,7 +50,6 @@ from .grammar.spec import GrammarSpec
 from .images import ImageError, open_image, pad_to_aspect_ratio, to_rgb
 from .model import load_processor
 from .predict import AdapterError, ImageResult, Predictor, adapter_base, resolve_adapter
-from .saved_run import SavedRun
 from .tasks import Task, get_task
 
 logger = logging.getLogger(__name__)
@@ -117,13 +116,13 @@ class ServerPredictor(Predictor):
     def __init__(self, server: str, model: str, processor, task: str | Task = "subject", answer_format: str = "json",
                  constrained: bool = True, calibration: Calibration | None = None,
                  labels: Sequence[str] | None = None, max_objects: int | None = None, max_new_tokens: int | None = None,
-                 max_in_flight: int = 8, timeout: float = 600.0, batch_size: int = 8) -> None:
+                 max_in_flight: int = 8, timeout: float = 600.0) -> None:
         self.server, self.model = server.rstrip("/"), model
         self.processor, self.task, self.answer_format = processor, get_task(task), answer_format
         self.constrained, self.calibration = constrained, calibration
         self.labels = list(labels) if labels is not None else None
         self.max_objects, self.max_new_tokens = max_objects, max_new_tokens
-        self.max_in_flight, self.batch_size = max_in_flight, batch_size
+        self.max_in_flight = max_in_flight
         self.http = httpx.Client(base_url=self.server, timeout=timeout,
                                  limits=httpx.Limits(max_connections=max_in_flight))
         self.tokenizer = processor.tokenizer
@@ -139,15 +138,9 @@ class ServerPredictor(Predictor):
         """The adapter's run description, calibration and processor from its folder; the answers from ``server``
         (``model``: the name it is served under, by default the folder's name, as ``bbox-sft serve`` names it)."""
         adapter_dir = resolve_adapter(adapter)
-        saved = SavedRun.read(adapter_dir)
         has_processor = (adapter_dir / "processor_config.json").is_file()
         processor = load_processor(str(adapter_dir if has_processor else adapter_base(adapter_dir) or adapter_dir))
-        kwargs.setdefault("answer_format", saved.answer_format.name)
-        kwargs.setdefault("task", saved.task)
-        kwargs.setdefault("labels", saved.labels)
-        kwargs.setdefault("max_objects", saved.max_objects)
-        kwargs.setdefault("calibration", Calibration.load(adapter_dir))
-        return cls(server, model or Path(adapter_dir).name, processor, **kwargs)
+        return cls(server, model or Path(adapter_dir).name, processor, **cls.saved_kwargs(adapter_dir, kwargs))
 
     def served_models(self) -> dict[str, str | None]:
         """{served name: the base model it is a LoRA of, or None}, from the server's ``/models``."""
@@ -187,10 +180,9 @@ class ServerPredictor(Predictor):
         constrained = self.constrained if constrained is None else constrained
         spec = self.task.grammar_spec(self.answer_format, self.labels, query, self.max_objects)
         grammar = self._grammar(spec) if constrained and spec is not None else None
-        budget = max_new_tokens or self.max_new_tokens
-        if budget is None:  # as generate_answers: a list gets the budget its grammar would give, constrained or not
-            budget = self.task.token_budget(self._grammar(spec) if spec is not None and self.task.answers_list
-                                            else grammar)
+        # as generate_answers: the task's budget for its grammar (a list gets its grammar's, constrained or not)
+        budget = max_new_tokens or self.max_new_tokens or self.task.token_budget(
+            self._grammar(spec) if spec is not None else None)
         fitted, letterbox = pad_to_aspect_ratio(image)
         model = self.model if adapter else self.base_model
         if model is None:
@@ -214,11 +206,7 @@ class ServerPredictor(Predictor):
 
     def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
                 query: str | Sequence[str | None] | None = None) -> list[Prediction]:
-        queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
-        if len(queries) != len(images):
-            raise ValueError(f"{len(queries)} queries for {len(images)} images")
-        for q in set(queries):
-            self.task.check_query(q)
+        queries = self._queries(images, query)
         with ThreadPoolExecutor(self.max_in_flight) as pool:
             return list(pool.map(lambda image, q: self.answer(image, self.task.instruction(q), query=q,
                                                               adapter=adapter), images, queries))

@@ -9,6 +9,7 @@ pre-tokenizer and special tokens, a vocabulary of ~1k instead of 151k, which mak
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from pathlib import Path
@@ -261,3 +262,26 @@ def count_parameters_2b() -> int:
     with torch.device("meta"):
         model = Qwen3VLForConditionalGeneration(qwen3_vl_2b_config())
     return model.num_parameters()
+
+
+def save_random_lora(base: str | Path, output_dir: str | Path, run: dict, seed: int = 0, **lora) -> Path:
+    """An untrained LoRA on ``base`` with non-zero weights (``init_lora_weights=False``), saved as training saves
+    one (adapter, processor, ``bbox_sft_args.json`` = ``run``): an adapter whose answers differ from its base's,
+    for serving tests and benchmarks. ``lora``: ``LoraConfig`` fields; with ``modules_to_save`` those copies are
+    moved off the base's weights too, as training would."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=2, init_lora_weights=False, **lora))
+    if lora.get("modules_to_save"):
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "modules_to_save" in name:
+                    parameter.add_(0.01 * torch.randn_like(parameter))
+    output_dir = Path(output_dir)
+    model.save_pretrained(str(output_dir))
+    AutoProcessor.from_pretrained(base).save_pretrained(str(output_dir))
+    (output_dir / "bbox_sft_args.json").write_text(json.dumps(run))
+    return output_dir

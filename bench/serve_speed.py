@@ -17,7 +17,6 @@ runs float32 and eager; these are CPU figures, not GPU ones.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -41,25 +40,17 @@ from bbox_sft.serving import ServeArguments, VllmServer  # noqa: E402
 
 def tiny_lora(tmp: Path) -> Path:
     """A tiny random Qwen3-VL (hidden 256, 4 layers) and an untrained LoRA on its language model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
     from bbox_sft.model import LANGUAGE_LORA_TARGETS, set_pixel_budget
-    from bbox_sft.tiny import save_tiny_model
+    from bbox_sft.tiny import save_random_lora, save_tiny_model
 
     base = save_tiny_model(tmp / "tiny-qwen3-vl")
     processor = AutoProcessor.from_pretrained(base)
     set_pixel_budget(processor, 192, 224)
     processor.save_pretrained(base)
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=2, init_lora_weights=False, target_modules=LANGUAGE_LORA_TARGETS))
-    out = tmp / "lora"
-    model.save_pretrained(str(out))
-    processor.save_pretrained(str(out))
-    (out / "bbox_sft_args.json").write_text(json.dumps({"task": "subject", "answer_format": "json",
-                                                        "image_min_side": 192, "image_max_side": 224}))
-    return out
+    return save_random_lora(base, tmp / "lora", {"task": "subject", "answer_format": "json", "image_min_side": 192,
+                                                 "image_max_side": 224}, target_modules=LANGUAGE_LORA_TARGETS)
 
 
 def photos(tmp: Path, n: int) -> list[Path]:

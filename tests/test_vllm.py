@@ -46,27 +46,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _random_lora(base: Path, out: Path, args: dict, **lora) -> Path:
-    """An untrained LoRA with non-zero weights (``init_lora_weights=False``), saved as training saves one."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    torch.manual_seed(0)
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(r=8, lora_alpha=2, init_lora_weights=False, **lora)
-    peft_model = get_peft_model(model, config)
-    if "modules_to_save" in (lora or {}):  # a trained merger: its copy moved away from the base's
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "modules_to_save" in name:
-                    p.add_(0.01 * torch.randn_like(p))
-    peft_model.save_pretrained(str(out))
-    AutoProcessor.from_pretrained(base).save_pretrained(str(out))
-    (out / "bbox_sft_args.json").write_text(json.dumps(args))
-    return out
-
-
 @pytest.fixture(scope="module")
 def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPathFactory, vllm_python: str):
     """{name: adapter folder}, the server's URL and its log.
@@ -79,6 +58,7 @@ def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPa
     from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
     from bbox_sft.predict import merge_adapter
     from bbox_sft.serving import ServeArguments, VllmServer
+    from bbox_sft.tiny import save_random_lora as _random_lora
 
     root = tmp_path_factory.mktemp("served")
     sides = {"image_min_side": 128, "image_max_side": 160}
@@ -289,10 +269,15 @@ def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, ima
         _remote(adapters["subject-json"], url, model="no-such-adapter")
 
 
-def test_200_requests_from_8_threads_each_get_one_answer_in_order(served, images) -> None:
+def test_200_requests_from_8_threads_each_get_one_answer_in_order(served, images, tmp_path: Path) -> None:
     adapters, url, _ = served
-    local = {r.path: r.prediction.raw for r in _local(adapters["subject-json"]).predict_files(images)}
-    paths = [str(images[i % len(images)]) for i in range(200)]
+    answers = {p.name: r.prediction.raw for p, r in zip(images, _local(adapters["subject-json"]).predict_files(images))}
+    paths, local = [], {}  # 200 distinct files (a request's place in the order is its own), 20 different images
+    for i in range(200):
+        source = images[(7 * i) % len(images)]
+        paths.append(str(tmp_path / f"{i:03d}_{source.name}"))
+        shutil.copy(source, paths[-1])
+        local[paths[-1]] = answers[source.name]
     remote = _remote(adapters["subject-json"], url, max_in_flight=8)
     with ThreadPoolExecutor(8) as pool:  # the server's own concurrency: 8 clients at once, each in order
         parts = list(pool.map(lambda k: [r for r in remote.predict_files(paths[k::8])], range(8)))
