@@ -145,7 +145,7 @@ class Predictor:
         queries = list(query) if isinstance(query, (list, tuple)) else [query] * len(images)
         if len(queries) != len(images):
             raise ValueError(f"{len(queries)} queries for {len(images)} images")
-        for q in set(queries):
+        for q in set(queries) if isinstance(query, (list, tuple)) else {query}:  # checked even for no images
             self.task.check_query(q)
         return queries
 
