@@ -11,12 +11,15 @@ against the parse rate; the count error rate is the share of images with a wrong
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .boxes import iou
 from .formats import LabelledBox
+
+if TYPE_CHECKING:
+    import torch
 
 DETECTION_METRIC_NAMES = ("precision@0.5", "recall@0.5", "f1@0.5", "map", "map_50", "count_error_rate",
                           "parse_rate")
@@ -77,6 +80,8 @@ def detection_metrics(
 
 def _as_tensors(objects: Sequence[LabelledBox], labels: dict[str, int], scores: Sequence[float] | None = None
                 ) -> dict[str, torch.Tensor]:
+    import torch  # torchmetrics' inputs (imported where used: prepare and synth need no torch)
+
     item = {
         "boxes": torch.tensor([list(o.box) for o in objects], dtype=torch.float64).reshape(-1, 4),
         "labels": torch.tensor([labels[o.label] for o in objects], dtype=torch.long),

@@ -1,21 +1,14 @@
 """Box metrics: mean / median IoU, Success@0.5 and @0.75, and parse rate, one function used everywhere.
 
 An answer that does not parse counts as IoU 0 and as a parse failure, never as an exception.
-
-The same computation is also an ``evaluate`` metric, for users who combine metrics with
-``evaluate.combine`` or log them the ``evaluate`` way::
-
-    import evaluate, bbox_sft.metrics
-    box_iou = evaluate.load(bbox_sft.metrics.__file__)
-    box_iou.compute(predictions=['{"x_min": 0.1, ...}'], references=[[0.1, 0.2, 0.5, 0.6]])
+The same computation as an ``evaluate`` metric is :mod:`bbox_sft.iou_metric` (kept apart: importing
+``evaluate`` costs every process seconds, and training, synth and prepare need none of it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import datasets
-import evaluate
 import numpy as np
 
 from bbox_sft.boxes import iou
@@ -46,20 +39,3 @@ def box_metrics(
 def text_metrics(answers: Sequence[str], references: Sequence[Sequence[float]]) -> dict[str, float]:
     """:func:`box_metrics` of raw model answers (parsed tolerantly)."""
     return box_metrics([parse_answer(a) for a in answers], references)
-
-
-class BoxIoU(evaluate.Metric):
-    """``evaluate`` wrapper of :func:`text_metrics`: predictions are answer texts, references boxes."""
-
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description="IoU of predicted and true boxes; unparseable answers score 0.",
-            citation="",
-            inputs_description="predictions: model answers (str); references: [x_min, y_min, x_max, y_max] in [0, 1]",
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("float64"))}
-            ),
-        )
-
-    def _compute(self, predictions: list[str], references: list[list[float]]) -> dict[str, float]:
-        return text_metrics(predictions, references)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-import bbox_sft.metrics
+import bbox_sft.iou_metric
 from bbox_sft.calibration import chance_ece
 from bbox_sft.cli import main as cli
 from bbox_sft.decoding import generate_answers

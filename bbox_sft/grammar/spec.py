@@ -9,14 +9,15 @@ there is no second copy of the rules.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..formats import get_format
 from .base import TokenGrammar
 from .box import BoxGrammar
 from .lists import MAX_OBJECTS, ListGrammar
+
+if TYPE_CHECKING:
+    import torch
 
 PREFIX = "bbox_"  # the keys of a spec among a request's extra arguments
 
@@ -60,6 +61,8 @@ def mask_disallowed(grammar: TokenGrammar, output_ids: list[int], logits: torch.
     """One request's next-token ``logits`` with every token ``grammar`` does not allow after ``output_ids`` at
     ``-inf`` (the vLLM processor's per-request step; :class:`~bbox_sft.decoding.GrammarLogitsProcessor` is the
     same for a transformers batch)."""
+    import torch  # here, not at the top: what only builds a spec (synth, prepare, the client) needs no torch
+
     allowed = torch.tensor(grammar.allowed(output_ids), device=logits.device)
     masked = torch.full_like(logits, float("-inf"))
     masked[allowed] = logits[allowed]
