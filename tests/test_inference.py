@@ -58,7 +58,7 @@ def test_metrics_count_unparsed_answers_as_zero() -> None:
 
 
 def test_evaluate_wrapper_gives_the_same_numbers() -> None:
-    metric = evaluate.load(bbox_sft.metrics.__file__)
+    metric = evaluate.load(bbox_sft.iou_metric.__file__)
     answers = [format_answer((0.1, 0.2, 0.5, 0.6)), "no box", '{"bbox_2d": [0, 0, 500, 500]}']
     truth = [[0.1, 0.2, 0.5, 0.6], [0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.5, 0.5]]
     assert metric.compute(predictions=answers, references=truth) == pytest.approx(
@@ -302,20 +302,26 @@ def test_adapter_on_a_base_it_does_not_fit_exits_naming_both(adapter_dir, tmp_pa
     assert "does not fit base model" in caplog.text and str(other) in caplog.text
 
 
-def test_an_adapter_given_as_a_hub_repo_id_loads_from_the_hub_cache(adapter_dir, image_folder, tmp_path) -> None:
+def test_an_adapter_given_as_a_hub_repo_id_loads_from_the_hub_cache(adapter_dir, image_folder, tmp_path, capsys,
+                                                                     caplog, monkeypatch) -> None:
     """``--adapter owner/name`` goes through huggingface_hub.snapshot_download (here: its offline cache)."""
+    import huggingface_hub
+
+    from bbox_sft.cli import main as cli
+
     snapshot = tmp_path / "hub" / "models--someone--tiny-bbox" / "snapshots" / ("0" * 40)
     shutil.copytree(adapter_dir, snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    bbox_sft = str(Path(sys.executable).with_name("bbox-sft"))
+    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # what HF_HUB_CACHE sets
 
-    def predict(adapter: str) -> subprocess.CompletedProcess:
-        return subprocess.run([bbox_sft, "predict", "--adapter", adapter, "--dir", str(image_folder)],
-                              capture_output=True, text=True, env=env)
+    def predict(adapter: str) -> tuple[int, str]:
+        rc = cli(["predict", "--adapter", adapter, "--dir", str(image_folder)])
+        return rc, capsys.readouterr().out
 
-    by_id, by_folder = predict("someone/tiny-bbox"), predict(str(adapter_dir))
-    assert by_id.stdout.count("\n") == len(list(image_folder.iterdir())) and by_id.stdout == by_folder.stdout
-    missing = predict("someone/not-there")
-    assert missing.returncode == 2 and "adapter someone/not-there: no such local folder" in missing.stderr
+    (rc, by_id), (rc_folder, by_folder) = predict("someone/tiny-bbox"), predict(str(adapter_dir))
+    assert rc == rc_folder == 1  # the folder holds a corrupt image: its line says so, the rest are answered
+    assert by_id.count("\n") == len(list(image_folder.iterdir())) and by_id == by_folder
+    assert predict("someone/not-there")[0] == 2
+    assert "adapter someone/not-there: no such local folder" in caplog.text
