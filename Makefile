@@ -55,7 +55,7 @@ browser:
 # The three set-ups are independent: they run side by side (most of their time is downloads).
 test:
 	$(MAKE) --no-print-directory -j3 install browser vllm
-	HF_HUB_OFFLINE=1 BBOX_SFT_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 BBOX_SFT_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check bbox_sft tests bench

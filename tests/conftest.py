@@ -8,6 +8,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -96,3 +100,56 @@ def objects_run(tiny_model_dir, tmp_path_factory):
         "--box_eval_samples", "0", "--save_strategy", "no", "--disable_tqdm", "true", "--learning_rate", "2e-3",
         "--warmup_steps", "0", "--task", "objects"]))
     return {"trainer": trainer, "data": data, "out": tmp / "run", "coco": root}
+
+
+# --- the reduced demos (tests/test_demo.py) ----------------------------------------------------------
+# Each is a chain of CPU-bound subprocesses (synth, prepare, two trainings, eval, predict) that takes minutes.
+# They start with the session, at the lowest priority, and run in the CPU time the other tests leave idle
+# (a test waiting for a server, a single-threaded import); their checks run last. Niceness and passive
+# OpenMP waiting (asleep, not spinning, when three demos want more threads than the cores) change no answer:
+# the demo pins its kernels and thread counts (bbox_sft.demo.PINNED_CPU).
+DEMO_TESTS = "test_demo.py"
+DEMO_PROFILES = ("fast", "objects_fast", "refer_fast")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The demos' checks last, so that the tests before them run while the demos do."""
+    items[:] = [i for i in items if i.path.name != DEMO_TESTS] + [i for i in items if i.path.name == DEMO_TESTS]
+
+
+def _start_demo(profile: str, folder: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "bbox_sft.demo", "--profile", profile, "--output_dir", str(folder / "outputs"),
+               "--data_dir", str(folder / "data")]
+    if shutil.which("nice"):
+        command = ["nice", "-n", "19", *command]
+    with open(folder / "demo.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    try:  # Linux groups the CPU by session (autogroup), where a process's own niceness counts only inside it
+        Path(f"/proc/{process.pid}/autogroup").write_text("19")
+    except OSError:
+        pass  # no autogroup here: `nice` is what counts
+    return process
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """{profile: (the running ``python -m bbox_sft.demo --profile ...``, its folder)}, started with the session
+    when the demo tests are selected (empty otherwise); any still running at the end are stopped."""
+    if not any(item.path.name == DEMO_TESTS for item in request.session.items):
+        yield {}
+        return
+    runs = {}
+    for profile in DEMO_PROFILES:
+        folder = tmp_path_factory.mktemp(profile)
+        runs[profile] = (_start_demo(profile, folder), folder)
+    yield runs
+    for process, _ in runs.values():
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)

@@ -1,48 +1,30 @@
-"""The reduced demo end to end: the same commands as `make demo`, smaller sizes.
+"""The reduced demos end to end: the same command as `make demo DEMO_PROFILE=...`, smaller sizes.
 
-The three reduced demos run at once (each stage is a subprocess; training stages take one thread,
-so on two cores three demos take about half the time of three in turn). Their answers do not depend
-on the load beside them, only on the pinned kernels and thread counts (:data:`bbox_sft.demo.PINNED_CPU`).
+The three run as background processes from the start of the session (``demo_runs`` in conftest.py) and are
+checked here, last. Their answers do not depend on the load beside them, only on the pinned kernels and
+thread counts (:data:`bbox_sft.demo.PINNED_CPU`).
 """
 
 from __future__ import annotations
 
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from bbox_sft.demo import run_demo
-
 pytestmark = pytest.mark.slow
-PROFILES_RUN = ("fast", "objects_fast", "refer_fast")
 
 
-@pytest.fixture(scope="module")
-def demos(tmp_path_factory) -> dict[str, tuple[Future, Path]]:
-    """Each reduced demo's report (a future) and folder, all three started together.
-
-    Side by side they ask for more threads than two cores have: OpenMP threads wait passively (asleep, not
-    spinning) so an evaluation's two threads do not spin on a core a training needs (the same answers, as
-    the thread count is unchanged; alone, spinning is faster).
-    """
-    environment = pytest.MonkeyPatch()
-    environment.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    pool = ThreadPoolExecutor(len(PROFILES_RUN))
-    runs = {}
-    for profile in PROFILES_RUN:
-        tmp = tmp_path_factory.mktemp(profile)
-        runs[profile] = (pool.submit(run_demo, profile, output_dir=str(tmp / "outputs"), data_dir=str(tmp / "data")),
-                         tmp)
-    yield runs
-    pool.shutdown(wait=True)
-    environment.undo()
+def _finished(demo_runs: dict, profile: str) -> tuple[dict, Path]:
+    """The report of a demo once its process has ended (a failed demo fails with the end of its log)."""
+    process, folder = demo_runs[profile]
+    code = process.wait(timeout=3600)
+    assert code == 0, f"make demo DEMO_PROFILE={profile} failed ({code}):\n" + (folder / "demo.log").read_text()[-4000:]
+    return json.loads((folder / "outputs" / "report.json").read_text()), folder
 
 
-def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(demos) -> None:
-    future, tmp_path = demos["fast"]
-    report = future.result()
+def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(demo_runs) -> None:
+    report, tmp_path = _finished(demo_runs, "fast")
     out = tmp_path / "outputs"
     rows = report["rows"]
     assert set(rows) == {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
@@ -58,13 +40,12 @@ def test_fast_demo_runs_every_stage_and_the_adapter_beats_the_center_prior(demos
     assert "base model: full fine-tuning on domain A" in report["stage_seconds"]
 
 
-def test_objects_fast_demo_runs_every_stage_of_the_objects_task(demos) -> None:
+def test_objects_fast_demo_runs_every_stage_of_the_objects_task(demo_runs) -> None:
     """The objects profile in miniature: synthetic COCO sets, base, LoRA, eval rows, labelled predictions."""
     from bbox_sft.demo import PROFILES
     from bbox_sft.detection import DETECTION_METRIC_NAMES
 
-    future, tmp_path = demos["objects_fast"]
-    report = future.result()
+    report, tmp_path = _finished(demo_runs, "objects_fast")
     out, data = tmp_path / "outputs", tmp_path / "data"
     assert json.loads((data / "domain_b" / "build_report.json").read_text())["task"] == "objects"
     assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "objects"
@@ -84,11 +65,10 @@ def test_objects_fast_demo_runs_every_stage_of_the_objects_task(demos) -> None:
     assert labels <= {"ellipse", "rectangle", "triangle", "star"}, labels
 
 
-def test_refer_fast_demo_runs_every_stage_of_the_refer_task(demos) -> None:
+def test_refer_fast_demo_runs_every_stage_of_the_refer_task(demo_runs) -> None:
     """The refer profile in miniature: expressions on 2-3 shapes, base, LoRA, eval rows (with Qwen's RefCOCO
     wording), predictions for the held-out images' own expressions."""
-    future, tmp_path = demos["refer_fast"]
-    report = future.result()
+    report, tmp_path = _finished(demo_runs, "refer_fast")
     out, data = tmp_path / "outputs", tmp_path / "data"
     assert json.loads((out / "lora" / "bbox_sft_args.json").read_text())["task"] == "refer"
     rows = report["rows"]
