@@ -7,6 +7,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from PIL import Image
 
 from bbox_sft.boxes import Box, iou
 from bbox_sft.data.prepare import PrepareArguments, prepare_dataset
@@ -129,6 +130,10 @@ def test_the_app_and_predictor_ask_a_refer_model_for_a_description(tiny_model_di
     assert [r.to_json()["query"] for r in results] == ["the red star", "the blue triangle"]
     with pytest.raises(ValueError, match="needs a query"):
         predictor.predict([], query=None)
+    two = [Image.new("RGB", (64, 48))] * 2
+    for asked in (["the red star"], ["the red star"] * 3):  # one query per image, or one for all: nothing else
+        with pytest.raises(ValueError, match=f"{len(asked)} queries for 2 images"):
+            predictor.predict(two, query=asked)
     page = create_app(predictor, examples=images)
     boxes = [c for c in page.blocks.values() if type(c).__name__ == "Textbox"]
     assert [(b.label, b.visible) for b in boxes] == [("Description of the object", True)]
