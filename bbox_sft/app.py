@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
 
-    (args,) = HfArgumentParser(AppArguments).parse_args_into_dataclasses(args=argv)
+    (args,) = HfArgumentParser(AppArguments, prog="bbox-sft app").parse_args_into_dataclasses(args=argv)
     page = create_app(args.adapter, base=args.base, examples_dir=args.examples_dir, batch_size=args.batch_size)
     page.launch(server_name=args.host, server_port=args.port, ssr_mode=False, footer_links=["api"])
     return 0

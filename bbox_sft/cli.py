@@ -27,6 +27,12 @@ from .hub import HubPushError
 logger = logging.getLogger("bbox_sft")
 
 
+def parse(arguments: type, argv: list[str], command: str):
+    """``argv`` as one dataclass of arguments (``--help`` prints every field and exits 0)."""
+    (args,) = HfArgumentParser(arguments, prog=f"bbox-sft {command}").parse_args_into_dataclasses(args=argv)
+    return args
+
+
 @dataclass
 class SynthArguments:
     """Arguments of ``bbox-sft synth``."""
@@ -52,7 +58,7 @@ def _synth(argv: list[str]) -> int:
     from .data.synthetic import write_synthetic
     from .tasks import get_task
 
-    (args,) = HfArgumentParser(SynthArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(SynthArguments, argv, "synth")
     sizes = (args.min_size, args.max_size)
     if (None in sizes) != (sizes == (None, None)):
         raise ValueError("give both --min_size and --max_size, or neither")
@@ -70,7 +76,7 @@ def _prepare(argv: list[str]) -> int:
     if "--download_help" in argv:
         sys.stdout.write(DOWNLOAD_HELP)
         return 0
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(PrepareArguments, argv, "prepare")
     prepare_dataset(args)
     return 0
 
@@ -97,11 +103,14 @@ class PredictArguments:
     coco_annotations: str | None = field(default=None, metadata={
         "help": "--format coco: the COCO instances file the images belong to (ids by file name and category name)."})
     server: str | None = field(default=None, metadata={
-        "help": "Ask a vLLM server started by `bbox-sft serve` (its URL, e.g. http://127.0.0.1:8000/v1) instead of "
-                "loading the model here: the same answers, the adapter folder still gives the task and calibration."})
+        "help": "Ask a vLLM server started by `bbox-sft serve` (the URL it prints, http://127.0.0.1:8000, or its "
+                "OpenAI base .../v1) instead of loading the model here: the same answers, the adapter folder still "
+                "gives the task and calibration."})
     model_name: str | None = field(default=None, metadata={
         "help": "--server: the name the adapter is served under (default: the adapter folder's name)."})
     max_in_flight: int = field(default=8, metadata={"help": "--server: requests sent at once."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "--server: the key the server was started with (default: OPENAI_API_KEY)."})
 
 
 def _predict(argv: list[str]) -> int:
@@ -113,7 +122,7 @@ def _predict(argv: list[str]) -> int:
     from .images import load_image
     from .predict import BoxPredictor, CocoResults, image_files, read_queries
 
-    (args,) = HfArgumentParser(PredictArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(PredictArguments, argv, "predict")
     if sum(a is not None for a in (args.image, args.dir, args.queries)) != 1:
         raise ValueError("give exactly one of --image PATH, --dir DIR or --queries FILE.jsonl")
     if args.queries is not None and args.query is not None:
@@ -132,7 +141,8 @@ def _predict(argv: list[str]) -> int:
         from .server_client import ServerPredictor
 
         predictor = ServerPredictor.from_pretrained(args.adapter, args.server, model=args.model_name,
-                                                    constrained=args.constrained, max_in_flight=args.max_in_flight)
+                                                    constrained=args.constrained, max_in_flight=args.max_in_flight,
+                                                    api_key=args.api_key)
     else:
         predictor = BoxPredictor.from_pretrained(args.adapter, base=args.base, constrained=args.constrained,
                                                  batch_size=args.batch_size)
@@ -170,7 +180,7 @@ def _predict(argv: list[str]) -> int:
 def _eval(argv: list[str]) -> int:
     from .evaluation import EvalArguments, evaluate_adapter
 
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(EvalArguments, argv, "eval")
     evaluate_adapter(args)
     return 0
 
@@ -187,7 +197,7 @@ class MergeArguments:
 def _merge(argv: list[str]) -> int:
     from .predict import merge_adapter
 
-    (args,) = HfArgumentParser(MergeArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(MergeArguments, argv, "merge")
     merge_adapter(args.adapter, args.output, args.base)
     return 0
 
@@ -195,7 +205,7 @@ def _merge(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> int:
     from .serving import ServeArguments, serve
 
-    (args,) = HfArgumentParser(ServeArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(ServeArguments, argv, "serve")
     return serve(args)
 
 
@@ -213,12 +223,15 @@ def _push(argv: list[str]) -> int:
 
     from .hub import push_folder
 
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=argv)
+    args = parse(PushArguments, argv, "push")
     folder = Path(args.adapter)
     if not (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{args.adapter}: not an adapter or model folder")
     push_folder(args.adapter, args.repo_id, private=args.private)
     return 0
+
+
+TRAIN_USAGE = "bbox-sft train [accelerate launch options] RECIPE.yaml [--field value ...]"
 
 
 def _train(argv: list[str]) -> int:
@@ -233,8 +246,15 @@ def _train(argv: list[str]) -> int:
 
     recipe = next((i for i, a in enumerate(argv) if a.endswith((".yaml", ".yml")) and not
                    (i and argv[i - 1] == "--config_file")), None)
+    if recipe is None and any(a in ("-h", "--help") for a in argv):
+        sys.stdout.write(f"{TRAIN_USAGE}\n\nOptions before the recipe go to `accelerate launch` (see `accelerate "
+                         "launch --help`); the recipe's fields, each also an option after it:\n\n")
+        sys.stdout.flush()
+        from .train import parse_args
+
+        parse_args(["--help"], prog="bbox-sft train")  # TRL's parser lists the three dataclasses' fields, exits 0
     if recipe is None:
-        raise ValueError("usage: bbox-sft train [accelerate launch options] RECIPE.yaml [--field value ...]")
+        raise ValueError(f"usage: {TRAIN_USAGE}")
     if not Path(argv[recipe]).is_file():
         raise FileNotFoundError(f"recipe {argv[recipe]} does not exist")
     script = str(Path(__file__).with_name("train.py"))

@@ -59,6 +59,7 @@ class Prediction:
     confidence: float | None = None
     objects: list[LabelledBox] | None = None
     object_scores: list[float] | None = None  # per object, under the list grammar (ListGrammar.object_scores)
+    tokens: list[int] | None = None  # the answer's token ids as written (eos included where it was written)
 
 
 class GrammarLogitsProcessor(LogitsProcessor):
@@ -397,9 +398,9 @@ def answer_of(raw: str, written: Sequence[int], choices: Sequence[Choice], decis
         scores = grammar.object_scores(list(written), decisions) if scored else None
         if scores is not None and len(scores) != len(objects):  # cut short by max_new_tokens
             scores = (scores + [1.0] * len(objects))[: len(objects)]
-        return Prediction(None, raw, objects=objects, object_scores=scores)
+        return Prediction(None, raw, objects=objects, object_scores=scores, tokens=list(written))
     if box is not None and letterbox is not None:
         box = letterbox.to_original(box)
     spread = box_spread(choices, raw, answer_format) if grammar is not None else None
     confidence = calibration.probability(spread, box) if calibration and box else None
-    return Prediction(box, raw, spread, confidence)
+    return Prediction(box, raw, spread, confidence, tokens=list(written))

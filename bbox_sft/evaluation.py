@@ -56,10 +56,12 @@ class EvalArguments:
                                                                  "'first' or 'largest'."})
     native_max_new_tokens: int = field(default=128, metadata={"help": "Token budget of a native answer."})
     server: str | None = field(default=None, metadata={
-        "help": "Ask a vLLM server started by `bbox-sft serve` (its URL, e.g. http://127.0.0.1:8000/v1) instead "
+        "help": "Ask a vLLM server started by `bbox-sft serve` (the URL it prints, or its OpenAI base .../v1) instead "
                 "of loading the model here; the base rows come from the same server when it serves the adapter "
                 "as a LoRA."})
     max_in_flight: int = field(default=8, metadata={"help": "--server: requests sent at once."})
+    api_key: str | None = field(default=None, metadata={
+        "help": "--server: the key the server was started with (default: OPENAI_API_KEY)."})
 
 
 def decode_records(split: datasets.Dataset, processor=None) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
@@ -106,7 +108,7 @@ def evaluate_adapter(args: EvalArguments) -> dict[str, dict[str, float]]:
 
         predictor = ServerPredictor.from_pretrained(adapter_dir, args.server, constrained=args.constrained,
                                                     calibration=calibration, task=task, labels=labels,
-                                                    max_in_flight=args.max_in_flight)
+                                                    max_in_flight=args.max_in_flight, api_key=args.api_key)
         has_base, qwen_vl = predictor.has_base, True  # a vLLM server runs Qwen-VL models here
     else:
         model, processor = load_for_inference(adapter_dir, args.base)

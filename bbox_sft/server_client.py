@@ -32,12 +32,14 @@ import base64
 import io
 import logging
 import math
+import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import torch
@@ -59,6 +61,13 @@ MASKED = -9999.0  # how vLLM's OpenAI server writes a log-probability of -inf
 
 class ServerError(ConnectionError):
     """The server refused or failed a request (its HTTP status and message), or could not be reached."""
+
+
+def openai_base(url: str) -> str:
+    """The OpenAI base URL of a server: ``http://host:port`` (what ``bbox-sft serve`` prints) gains ``/v1``; a URL
+    with a path (``.../v1``, or a proxy's own prefix) is kept as it is."""
+    url = url.rstrip("/")
+    return url + "/v1" if urlsplit(url).path in ("", "/") else url
 
 
 def data_url(image: Image.Image) -> str:
@@ -116,15 +125,16 @@ class ServerPredictor(Predictor):
     def __init__(self, server: str, model: str, processor, task: str | Task = "subject", answer_format: str = "json",
                  constrained: bool = True, calibration: Calibration | None = None,
                  labels: Sequence[str] | None = None, max_objects: int | None = None, max_new_tokens: int | None = None,
-                 max_in_flight: int = 8, timeout: float = 600.0) -> None:
-        self.server, self.model = server.rstrip("/"), model
+                 max_in_flight: int = 8, timeout: float = 600.0, api_key: str | None = None) -> None:
+        self.server, self.model = openai_base(server), model
         self.processor, self.task, self.answer_format = processor, get_task(task), answer_format
         self.constrained, self.calibration = constrained, calibration
         self.labels = list(labels) if labels is not None else None
         self.max_objects, self.max_new_tokens = max_objects, max_new_tokens
         self.max_in_flight = max_in_flight
-        self.http = httpx.Client(base_url=self.server, timeout=timeout,
-                                 limits=httpx.Limits(max_connections=max_in_flight))
+        api_key = api_key or os.environ.get("OPENAI_API_KEY")  # as the openai client reads it
+        self.http = httpx.Client(base_url=self.server, timeout=timeout, limits=httpx.Limits(
+            max_connections=max_in_flight), headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
         self.tokenizer = processor.tokenizer
         self.eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.grammars: dict[GrammarSpec, TokenGrammar] = {}
@@ -148,7 +158,9 @@ class ServerPredictor(Predictor):
             response = self.http.get("/models")
             response.raise_for_status()
         except httpx.HTTPError as error:
-            raise ServerError(f"{self.server}: cannot list the served models ({error})") from error
+            hint = (" (the server wants an API key: --api_key, or OPENAI_API_KEY)"
+                    if isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 401 else "")
+            raise ServerError(f"{self.server}: cannot list the served models ({error}){hint}") from error
         return {m["id"]: m.get("parent") for m in response.json()["data"]}
 
     @property

@@ -247,12 +247,13 @@ def with_answer_format(dataset: datasets.DatasetDict, answer_format: str, task: 
     return dataset.map(lambda r: {"completion": completion_messages(task.answer_text(task.target(r), answer_format))})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[BoxScriptArguments, SFTConfig, ModelConfig]:
+def parse_args(argv: list[str] | None = None, prog: str | None = None
+               ) -> tuple[BoxScriptArguments, SFTConfig, ModelConfig]:
     """``train.py RECIPE.yaml [--field value ...]``, or TRL's ``--config RECIPE.yaml``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
-    parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig))
+    parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig), prog=prog)
     # SFTConfig defaults to bf16 and refuses it without a GPU: default the precision to the device's
     # instead (a recipe or the command line can still set bf16/fp16 explicitly).
     # Likewise the model's dtype (TRL defaults it to float32) follows the device, and the collator needs

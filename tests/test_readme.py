@@ -89,3 +89,28 @@ def test_accelerate_configs_load() -> None:
     assert {c.stem for c in configs} >= {"single_gpu", "multi_gpu", "fsdp", "zero2", "zero3"}
     for config in configs:
         load_config_from_file(str(config))
+
+
+def _options(*arguments: type) -> set[str]:
+    from dataclasses import fields
+
+    return {f"--{f.name}" for dataclass in arguments for f in fields(dataclass) if f.init}
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_command_help_exits_0_and_lists_every_option(command: str, capsys) -> None:
+    """``bbox-sft <command> --help`` prints the command's options (each field of its dataclass, or the recipe's
+    three for train) and exits 0, as a user typing it first expects."""
+    from trl import ModelConfig
+
+    from bbox_sft.configs import BoxScriptArguments
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main([command, "--help"])
+    assert exited.value.code == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"usage: bbox-sft {command}") or f"usage: bbox-sft {command}" in printed
+    expected = (_options(BoxScriptArguments, ModelConfig) | {"--learning_rate", "--per_device_train_batch_size"}
+                if command == "train" else _options(PARSERS[command]))
+    missing = {option for option in expected if option not in printed}
+    assert not missing, f"bbox-sft {command} --help leaves out {sorted(missing)}"

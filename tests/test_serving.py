@@ -33,15 +33,19 @@ def test_only_language_model_lora_is_served_as_a_lora(tmp_path) -> None:
 
 
 def test_the_vllm_command_carries_grammar_pixel_budget_and_loras(tmp_path) -> None:
-    from bbox_sft.serving import PROCESSOR, ServeArguments, serve_command
+    from bbox_sft.serving import PROCESSORS, ServeArguments, VllmPlatform, serve_command
 
     a = _adapter(tmp_path / "a", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, r=8)
     b = _adapter(tmp_path / "b", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, r=32)
-    command = serve_command(ServeArguments(adapter=[str(a), str(b)], port=8123, tensor_parallel_size=2))
+    command = serve_command(ServeArguments(adapter=[str(a), str(b)], port=8123, tensor_parallel_size=2),
+                            platform=VllmPlatform("cuda", "v2"))
     assert command[1:5] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "Qwen/Qwen3-VL-2B-Instruct"]
     options = dict(zip(command, command[1:]))
-    assert options["--logits-processors"] == PROCESSOR and options["--port"] == "8123"
+    assert options["--logits-processors"] == PROCESSORS["v2"] and options["--port"] == "8123"
     assert options["--tensor-parallel-size"] == "2" and options["--max-lora-rank"] == "32"
+    # on a GPU: the model's own dtype, compiled graphs, vLLM's memory share; both LoRAs may share a batch
+    assert options["--dtype"] == "auto" and "--enforce-eager" not in command and options["--max-loras"] == "2"
+    assert "--kv-cache-memory-bytes" not in command and "--gpu-memory-utilization" not in command
     assert json.loads(options["--mm-processor-kwargs"]) == {"min_pixels": 320 * 320, "max_pixels": 448 * 448}
     at = command.index("--lora-modules")
     assert command[at + 1:at + 3] == [f"a={a.resolve()}", f"b={b.resolve()}"]
@@ -80,32 +84,80 @@ def test_scores_rebuilt_from_the_top_20_keep_the_written_tokens_probability_amon
 
 
 def test_a_full_model_folder_is_served_as_it_is(tmp_path) -> None:
-    from bbox_sft.serving import ServeArguments, prepare
+    from bbox_sft.serving import ServeArguments, VllmPlatform, prepare
 
     folder = tmp_path / "objects-run"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "bbox_sft_args.json").write_text(json.dumps({"task": "objects", "labels": ["car"]}))
-    command, env, said = prepare(ServeArguments(adapter=[str(folder)]))
+    command, env, said = prepare(ServeArguments(adapter=[str(folder)]), VllmPlatform())
     assert command[4] == str(folder) and command[command.index("--served-model-name") + 1] == "objects-run"
     assert "--enable-lora" not in command and not (folder / "merged").exists()
     assert "served as it is" in said[0] and str(Path(__file__).resolve().parents[1]) in env["PYTHONPATH"]
 
 
 def test_loras_on_a_merged_adapter_share_its_server_and_it_keeps_its_name(tmp_path) -> None:
-    from bbox_sft.serving import ServeArguments, serve_command
+    from bbox_sft.serving import ServeArguments, VllmPlatform, serve_command
 
     merged_dir = tmp_path / "vision" / "merged"
     vision = _adapter(tmp_path / "vision", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM, modules_to_save=["merger"])
     lm = _adapter(tmp_path / "lm", str(merged_dir), target_modules=LM)
-    command = serve_command(ServeArguments(adapter=[str(vision), str(lm)]), merged={str(vision): str(merged_dir)})
+    command = serve_command(ServeArguments(adapter=[str(vision), str(lm)]), merged={str(vision): str(merged_dir)},
+                            platform=VllmPlatform())
     assert command[4] == str(merged_dir) and command[command.index("--served-model-name") + 1] == "vision"
     assert command[command.index("--lora-modules") + 1] == f"lm={lm.resolve()}"
 
 
 def test_an_adapter_named_by_hub_id_is_fetched_as_predict_fetches_it() -> None:
     from bbox_sft.predict import AdapterError
-    from bbox_sft.serving import ServeArguments, prepare
+    from bbox_sft.serving import ServeArguments, VllmPlatform, prepare
 
     with pytest.raises(AdapterError, match="nobody/no-such-adapter: no such local folder, and the Hub repo"):
-        prepare(ServeArguments(adapter=["nobody/no-such-adapter"]))  # offline here: the fetch is tried, and fails
+        # offline here: the fetch is tried, and fails
+        prepare(ServeArguments(adapter=["nobody/no-such-adapter"]), VllmPlatform())
+
+
+def test_on_a_cpu_serve_defaults_to_float32_eager_and_a_kv_cache_sized_for_the_model(tiny_model_dir, tmp_path) -> None:
+    """vLLM's CPU default reserves 92 % of RAM (and refuses to start when less is free) and serves bfloat16;
+    serve asks for float32, eager mode and a KV cache of 4 sequences of max_model_len, computed here from the
+    model's config by hand: keys and values of each layer, each KV head, each head dimension, 4 bytes."""
+    from transformers import AutoConfig
+
+    from bbox_sft.serving import PROCESSORS, ServeArguments, VllmPlatform, serve_command
+
+    lora = _adapter(tmp_path / "lm", str(tiny_model_dir), target_modules=LM)
+    command = serve_command(ServeArguments(adapter=[str(lora)], max_model_len=2048), platform=VllmPlatform("cpu",
+                                                                                                            "v1"))
+    options = dict(zip(command, command[1:]))
+    text = AutoConfig.from_pretrained(tiny_model_dir).text_config
+    per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim * 4
+    assert int(options["--kv-cache-memory-bytes"]) == 4 * 2048 * per_token
+    assert options["--dtype"] == "float32" and "--enforce-eager" in command
+    assert options["--logits-processors"] == PROCESSORS["v1"] and options["--max-loras"] == "1"
+    chosen = serve_command(ServeArguments(adapter=[str(lora)], dtype="bfloat16", kv_cache_gib=0.5,
+                                          enforce_eager=False), platform=VllmPlatform("cpu", "v1"))
+    options = dict(zip(chosen, chosen[1:]))
+    assert options["--dtype"] == "bfloat16" and options["--kv-cache-memory-bytes"] == str(2**29)
+    assert "--enforce-eager" not in chosen  # what a user sets wins
+
+
+def test_the_runner_is_pinned_and_the_key_stays_out_of_the_command_line(tmp_path) -> None:
+    from bbox_sft.serving import ServeArguments, VllmPlatform, prepare
+
+    lora = _adapter(tmp_path / "lm", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM)
+    for runner in ("v1", "v2"):
+        command, env, said = prepare(ServeArguments(adapter=[str(lora)], api_key="s3cret"),
+                                     VllmPlatform("cuda", runner))
+        assert env["VLLM_USE_V2_MODEL_RUNNER"] == ("1" if runner == "v2" else "0")
+        assert env["VLLM_API_KEY"] == "s3cret" and not any("s3cret" in word for word in command + said)
+        assert f"model runner {runner.upper()}" in " ".join(said)
+
+
+def test_the_client_takes_the_url_serve_prints_or_the_openai_base() -> None:
+    from bbox_sft.server_client import openai_base
+
+    assert openai_base("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1"
+    assert openai_base("http://127.0.0.1:8000/") == "http://127.0.0.1:8000/v1"
+    assert openai_base("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert openai_base("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
+    assert openai_base("https://proxy.example/bbox/v1") == "https://proxy.example/bbox/v1"

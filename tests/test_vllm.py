@@ -16,8 +16,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +32,9 @@ REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = os.environ.get("BBOX_SFT_VLLM_PYTHON") or str(REPO / ".venv-vllm" / "bin" / "python")
 LABELS = ["ellipse", "rectangle", "star", "triangle"]
 TOL = 1e-4
+KEY = "bbox-test-key"  # the module's server wants it (bbox-sft serve --api_key)
+AUTH = {"Authorization": f"Bearer {KEY}"}
+BBOX_SFT = str(Path(sys.executable).parent / "bbox-sft")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +63,6 @@ def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPa
     """
     from bbox_sft.model import LANGUAGE_LORA_TARGETS, VISION_LORA_TARGETS
     from bbox_sft.predict import merge_adapter
-    from bbox_sft.serving import ServeArguments, VllmServer
     from bbox_sft.tiny import save_random_lora as _random_lora
 
     root = tmp_path_factory.mktemp("served")
@@ -80,12 +85,37 @@ def served(adapter_dir: Path, objects_run: dict, tmp_path_factory: pytest.TempPa
         listed = {"labels": saved["labels"], "max_objects": saved["max_objects"]} if task == "phrase" else {}
         adapters[task] = _random_lora(base, root / task, {"task": task, "answer_format": "json", **listed, **sides},
                                       target_modules=LANGUAGE_LORA_TARGETS, seed=1)
-    args = ServeArguments(adapter=[str(adapters[n]) for n in ("subject-merged", "subject-json", "subject-qwen",
-                                                              "objects", "phrase", "refer")],
-                          vllm_python=vllm_python, port=_free_port(), dtype="float32", enforce_eager=True,
-                          max_model_len=2048)
-    with VllmServer(args, root / "serve.log", env={"VLLM_CPU_KVCACHE_SPACE": "1"}) as url:
-        yield adapters, url, root / "serve.log"
+    # started as a user starts it, `bbox-sft serve` in a process of its own, with CPU defaults (float32, eager, a KV
+    # cache sized for the model) and an API key; test_sigint_... stops it last
+    names = ("subject-merged", "subject-json", "subject-qwen", "objects", "phrase", "refer")
+    port, log = _free_port(), root / "serve.log"
+    command = [BBOX_SFT, "serve", "--adapter", *(str(adapters[n]) for n in names), "--vllm_python", vllm_python,
+               "--port", str(port), "--max_model_len", "2048", "--api_key", KEY]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = _wait_until_served(process, port, log, AUTH)
+        yield adapters, url, log, process
+    finally:
+        if process.poll() is None:
+            from bbox_sft.serving import reap, signal_tree
+
+            reap(signal_tree(process, signal.SIGTERM), timeout=30)
+
+
+def _wait_until_served(process: subprocess.Popen, port: int, log: Path, headers: dict | None = None,
+                       timeout: float = 600) -> str:
+    """The OpenAI base URL once the server lists its models (the end of its log if it stops first)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"bbox-sft serve stopped ({process.returncode}):\n{log.read_text()[-3000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", headers=headers, timeout=5).status_code == 200:
+                return f"http://127.0.0.1:{port}/v1"
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"no server after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +139,7 @@ def _local(adapter: Path, **kwargs):
 def _remote(adapter: Path, url: str, **kwargs):
     from bbox_sft.server_client import ServerPredictor
 
-    return ServerPredictor.from_pretrained(adapter, url, **kwargs)
+    return ServerPredictor.from_pretrained(adapter, url, **{"api_key": KEY, **kwargs})
 
 
 def _close(a: float | None, b: float | None) -> bool:
@@ -131,7 +161,7 @@ def _assert_same(mine, theirs) -> None:
 
 @pytest.mark.parametrize("name", ["subject-json", "subject-qwen"])
 def test_a_lora_served_as_a_vllm_lora_answers_as_transformers(served, images, name: str) -> None:
-    adapters, url, log = served
+    adapters, url, log, _ = served
     assert f"served as a vLLM LoRA module named {name}" in log.read_text()
     local, remote = _local(adapters[name]), _remote(adapters[name], url)
     assert remote.answer_format == name.split("-")[1] and remote.base_model == "subject-merged"
@@ -146,7 +176,7 @@ def test_a_lora_served_as_a_vllm_lora_answers_as_transformers(served, images, na
 
 
 def test_an_adapter_with_vision_lora_and_merger_is_served_merged(served, images) -> None:
-    adapters, url, log = served
+    adapters, url, log, _ = served
     folder = adapters["subject-merged"]
     assert "served merged (modules_to_save" in log.read_text()
     remote = _remote(folder, url)
@@ -155,7 +185,7 @@ def test_an_adapter_with_vision_lora_and_merger_is_served_merged(served, images)
 
 
 def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> None:
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     local, remote = _local(adapters["objects"]), _remote(adapters["objects"], url)
     mine, theirs = list(local.predict_files(images)), list(remote.predict_files(images))
     _assert_same(mine, theirs)
@@ -173,7 +203,7 @@ def test_the_objects_task_lists_the_same_objects_and_scores(served, images) -> N
 @pytest.mark.parametrize("task", ["phrase", "refer"])
 def test_a_model_asked_with_a_query_answers_each_query_as_transformers(served, images, task: str) -> None:
     """A query per image (phrase: a category, whose list grammar names only it; refer: a description)."""
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     local, remote = _local(adapters[task]), _remote(adapters[task], url)
     if task == "phrase":
         queries = [LABELS[i % len(LABELS)] for i in range(len(images))]
@@ -192,11 +222,11 @@ def test_a_model_asked_with_a_query_answers_each_query_as_transformers(served, i
 def test_eval_through_the_server_gives_the_local_report(served, box_dataset_dir: Path, tmp_path: Path) -> None:
     from bbox_sft.evaluation import EvalArguments, evaluate_adapter
 
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     common = dict(adapter=str(adapters["subject-json"]), dataset=str(box_dataset_dir), split="test",
                   native_baseline=True)
     local = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "local"), **common))
-    remote = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "remote"), server=url, **common))
+    remote = evaluate_adapter(EvalArguments(output_dir=str(tmp_path / "remote"), server=url, api_key=KEY, **common))
     rows = {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
     assert set(remote) == set(local) == rows
     for row in local:
@@ -212,10 +242,12 @@ def _jpeg(path: Path) -> bytes:
     return buffer.getvalue()
 
 
-def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, tmp_path: Path, capsys, caplog) -> None:
+def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, tmp_path: Path, capsys, caplog,
+                                                               monkeypatch) -> None:
     from bbox_sft import cli
 
-    adapters, url, _ = served
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # the key as the openai client reads it
+    adapters, url, _, _ = served
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "a_notes.jpg").write_text("not an image at all\n")
@@ -246,11 +278,11 @@ def _good_request(url: str, model: str, image: Path) -> httpx.Response:
 
     body = chat_request(model, data_url(Image.open(image).convert("RGB")), get_task("subject").instruction(), 64,
                         GrammarSpec("json"))
-    return httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+    return httpx.post(f"{url}/chat/completions", json=body, headers=AUTH, timeout=120)
 
 
 def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, images) -> None:
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     url, model = url, "subject-json"
     assert _good_request(url, model, images[0]).status_code == 200
     dot, strip = io.BytesIO(), io.BytesIO()
@@ -276,7 +308,7 @@ def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, ima
         "no image": (message("Find the main subject and output a JSON bounding box."), 200, ""),
     }
     for case, (body, status, says) in cases.items():
-        response = httpx.post(f"{url}/chat/completions", json=body, timeout=120)
+        response = httpx.post(f"{url}/chat/completions", json=body, headers=AUTH, timeout=120)
         if status is not None:
             assert response.status_code == status, (case, response.status_code, response.text[:300])
         if response.status_code != 200:
@@ -293,7 +325,7 @@ def test_the_server_refuses_bad_requests_with_a_message_and_stays_up(served, ima
 
 
 def test_200_requests_from_8_threads_each_get_one_answer_in_order(served, images, tmp_path: Path) -> None:
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     answers = {p.name: r.prediction.raw for p, r in zip(images, _local(adapters["subject-json"]).predict_files(images))}
     paths, local = [], {}  # 200 distinct files (a request's place in the order is its own), 20 different images
     for i in range(200):
@@ -314,7 +346,7 @@ def test_the_readme_openai_client_call_works_as_written(served, images, vllm_pyt
     """The README's plain-openai snippet, run in vLLM's environment (which has ``openai``) against the server."""
     from bbox_sft.images import open_image, pad_to_aspect_ratio, to_rgb
 
-    adapters, url, _ = served
+    adapters, url, _, _ = served
     text = (REPO / "README.md").read_text()
     snippet = next(b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "from openai import" in b)
     local = _local(adapters["subject-json"])
@@ -322,7 +354,90 @@ def test_the_readme_openai_client_call_works_as_written(served, images, vllm_pyt
     prepared = tmp_path / "photo.png"
     to_rgb(pad_to_aspect_ratio(image)[0]).save(prepared)
     snippet = snippet.replace("http://127.0.0.1:8000/v1", url).replace("photo.png", str(prepared))
+    snippet = snippet.replace('api_key="none"', f'api_key="{KEY}"')
     snippet = snippet.replace('model="qwen3vl-2b-bbox-lora"', 'model="subject-json"')
     run = subprocess.run([vllm_python, "-c", snippet], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == next(local.predict_files([prepared])).prediction.raw
+
+
+def test_the_server_wants_its_key_and_the_client_says_so(served, images) -> None:
+    from bbox_sft.server_client import ServerError, chat_request, data_url
+
+    adapters, url, _, _ = served
+    body = chat_request("subject-json", data_url(Image.open(images[0]).convert("RGB")), "Find it.", 64, None)
+    for headers in ({}, {"Authorization": "Bearer wrong-key"}):
+        assert httpx.post(f"{url}/chat/completions", json=body, headers=headers, timeout=60).status_code == 401
+        assert httpx.get(f"{url}/models", headers=headers, timeout=60).status_code == 401
+    with pytest.raises(ServerError, match="wants an API key"):
+        _remote(adapters["subject-json"], url, api_key="wrong-key")
+
+
+def test_predict_takes_the_url_serve_prints_as_well_as_the_openai_base(served, images, capsys) -> None:
+    from bbox_sft import cli
+
+    adapters, url, log, _ = served
+    printed = re.search(r"serving on (http://\S+) \(OpenAI base URL (\S+)\)", log.read_text())
+    assert printed and printed.group(2) == url and not printed.group(1).endswith("/v1"), log.read_text()[-2000:]
+    lines = []
+    for server in (printed.group(1), url):
+        assert cli.main(["predict", "--adapter", str(adapters["subject-json"]), "--dir", str(images[0].parent),
+                         "--server", server, "--api_key", KEY]) == 0
+        lines.append(capsys.readouterr().out.splitlines())
+    assert lines[0] == lines[1] and len(lines[0]) == len(list(images[0].parent.glob("*.jpg")))
+
+
+def _alive(processes) -> list:
+    return [p for p in processes if p.is_running() and p.status() != "zombie"]
+
+
+def test_sigint_to_serve_ends_every_vllm_process(served) -> None:
+    """Last of the module's server tests: Ctrl-C (SIGINT) to ``bbox-sft serve`` ends vLLM's API server and engine
+    too, and frees the port (the whole tree checked, not only the process signalled)."""
+    import psutil
+
+    _, url, log, process = served
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    assert len(tree) >= 3, [p.cmdline()[:4] for p in tree]  # serve, vLLM's API server, its engine core
+    os.kill(process.pid, signal.SIGINT)
+    process.wait(timeout=90)
+    psutil.wait_procs(tree, timeout=30)
+    assert not _alive(tree), [(p.pid, p.cmdline()[:4]) for p in _alive(tree)]
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/models", timeout=5)
+
+
+def test_serve_with_only_an_adapter_starts_on_a_busy_cpu_in_float32_and_sigterm_ends_it(
+        adapter_dir: Path, images, vllm_python: str, tmp_path: Path) -> None:
+    """``bbox-sft serve --adapter A --port P``, nothing else, while another process holds 4 GiB of RAM: vLLM's own
+    CPU default (92 % of RAM reserved, bfloat16) would not start, or change digits; serve starts, serves float32,
+    answers as transformers, and SIGTERM (a process manager's stop) leaves no vLLM process behind."""
+    import psutil
+
+    ballast = subprocess.Popen([sys.executable, "-c", "import numpy, sys; a = numpy.ones(2**29); sys.stdin.read()"],
+                               stdin=subprocess.PIPE)
+    port, log = _free_port(), tmp_path / "serve.log"
+    time.sleep(3)  # the 4 GiB written
+    with open(log, "w") as out:
+        process = subprocess.Popen([BBOX_SFT, "serve", "--adapter", str(adapter_dir), "--port", str(port),
+                                    "--vllm_python", vllm_python], stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    tree: list = []
+    try:
+        try:
+            url = _wait_until_served(process, port, log)
+        finally:
+            ballast.kill()
+        text = log.read_text()
+        assert "--dtype float32" in text and re.search(r"dtype=torch\.float32", text), text[-3000:]
+        local, remote = _local(adapter_dir), _remote(adapter_dir, url, api_key=None)
+        _assert_same(list(local.predict_files(images[:6])), list(remote.predict_files(images[:6])))
+        tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+        psutil.wait_procs(tree, timeout=30)
+        assert not _alive(tree), [(p.pid, p.cmdline()[:4]) for p in _alive(tree)]
+    finally:  # whatever a failure above left running
+        from bbox_sft.serving import reap, signal_tree
+
+        reap([*tree, *signal_tree(process, signal.SIGKILL)], timeout=10)
