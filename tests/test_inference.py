@@ -14,10 +14,12 @@ from pathlib import Path
 import datasets
 import evaluate
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from safetensors.torch import load_file
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import bbox_sft.iou_metric
 from bbox_sft.calibration import chance_ece
@@ -256,6 +258,29 @@ def test_merge_writes_a_model_that_loads_without_peft(adapter_dir, tmp_path) -> 
     assert cli(["merge", "--adapter", str(adapter_dir), "--output", str(tmp_path / "merged")]) == 0
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_merge_adds_each_update_in_fp32_and_keeps_the_bases_dtype(tiny_model_dir, tmp_path) -> None:
+    """A bf16 base (as Qwen3-VL ships): the merged weight is the fp32 sum rounded once, W + scale * B @ A, saved in
+    bf16 like its base, on any device (merging in bf16 rounds the update before adding it)."""
+    from bbox_sft.model import LANGUAGE_LORA_TARGETS
+    from bbox_sft.predict import merge_adapter
+    from bbox_sft.tiny import save_random_lora
+
+    base = tmp_path / "bf16-base"
+    AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(base)
+    AutoProcessor.from_pretrained(tiny_model_dir).save_pretrained(base)
+    lora = save_random_lora(base, tmp_path / "lora", {"task": "subject"}, target_modules=LANGUAGE_LORA_TARGETS)
+    merged = AutoModelForImageTextToText.from_pretrained(merge_adapter(lora, tmp_path / "merged"), dtype="auto")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    adapter = load_file(lora / "adapter_model.safetensors")
+    name = next(k for k in adapter if "layers.0.self_attn.q_proj.lora_A" in k)
+    a, b = adapter[name], adapter[name.replace("lora_A", "lora_B")]
+    config = json.loads((lora / "adapter_config.json").read_text())
+    weight = AutoModelForImageTextToText.from_pretrained(base, dtype="auto").model.language_model.layers[
+        0].self_attn.q_proj.weight
+    expected = (weight.float() + config["lora_alpha"] / config["r"] * (b.float() @ a.float())).to(torch.bfloat16)
+    assert torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight, expected)
 
 
 def test_missing_adapter_exits_non_zero_naming_it(tmp_path, caplog) -> None:
