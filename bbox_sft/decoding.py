@@ -144,6 +144,21 @@ def _choice(grammar: TokenGrammar, state: tuple[list[int], int | None, str], log
     return Choice(number, len(chars.replace(".", "")), [int(grammar.char_of[t]) for t in digits], probs)
 
 
+def pick(scores: torch.Tensor, options: Sequence[int]) -> int:
+    """The option with the highest score; among equal scores the lowest token id, as an argmax over the whole
+    vocabulary takes it (``generate``, vLLM)."""
+    values = scores[list(options)].tolist()
+    best = max(values)
+    return min(token for token, value in zip(options, values) if value == best)
+
+
+def _whole(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is all here: not a DTensor shard (FSDP2), not a ZeRO-3 placeholder (empty)."""
+    from torch.distributed.tensor import DTensor
+
+    return not isinstance(weight, DTensor) and weight.numel() > 0
+
+
 def _inner_model(model: PreTrainedModel) -> tuple[PreTrainedModel, torch.nn.Module | None]:
     """(the transformers model under peft / FSDP wrappers, its multimodal body if it has M-RoPE)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -167,6 +182,12 @@ class ForcedTokenDecoder:
 
     Positions follow ``generate`` exactly: M-RoPE positions from the model's ``get_rope_index`` for
     the prompt, then one position per fed token.
+
+    Each choice takes the allowed token with the highest score, the lowest token id among equals (as
+    ``generate`` and vLLM, whose argmax runs over the vocabulary in id order). Where the model computes in
+    bf16 or fp16, the allowed tokens' scores are recomputed in fp32 from the last hidden state (one row of the
+    output embedding per allowed token, captured as the model computes its logits): half-precision logits round
+    near-equal options onto the same value, where ``generate`` and vLLM then take the lowest id.
     """
 
     def __init__(self, model: PreTrainedModel, grammar: TokenGrammar, pad_token_id: int,
@@ -176,6 +197,12 @@ class ForcedTokenDecoder:
         self.base, self.body = _inner_model(model)
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        head = self.base.get_output_embeddings()
+        # fp32 decisions where they are cheap: a plain linear head in half precision, its weight whole on this rank
+        # (not an FSDP shard; under ZeRO-3 the generation context gathers it)
+        self.head = head if type(head) is torch.nn.Linear and head.weight.dtype in (
+            torch.bfloat16, torch.float16) and _whole(head.weight) else None
+        self.hidden: torch.Tensor | None = None
 
     @classmethod
     def supports(cls, model: PreTrainedModel) -> bool:
@@ -183,7 +210,24 @@ class ForcedTokenDecoder:
         return _inner_model(model)[1] is not None
 
     def _forward(self, **inputs) -> torch.Tensor:
-        return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        if self.head is None:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        seen = self.head.register_forward_hook(lambda module, args, output: setattr(self, "hidden", args[0][:, -1]))
+        try:
+            return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+        finally:
+            seen.remove()
+
+    def scores(self, logits: torch.Tensor, row: int, options: list[int]) -> torch.Tensor:
+        """Row ``row``'s scores over the vocabulary, in fp32; the ``options``' own recomputed in fp32 from the last
+        hidden state where the model computes in half precision."""
+        scores = logits[row].float()
+        if self.head is not None and self.hidden is not None:
+            index = torch.tensor(options, device=scores.device)
+            bias = self.head.bias[index].float() if self.head.bias is not None else None
+            scores = scores.clone()
+            scores[index] = torch.nn.functional.linear(self.hidden[row].float(), self.head.weight[index].float(), bias)
+        return scores
 
     def decode(self, batch: dict[str, torch.Tensor]
                ) -> tuple[list[list[int]], list[list[Choice]], list[dict[int, float]]]:
@@ -254,10 +298,11 @@ class ForcedTokenDecoder:
                     written[r].append(grammar.eos)
                     done[r] = True
                     continue
-                token = options[int(logits[r, options].argmax())]
+                scores = self.scores(logits, r, options) if len(options) > 1 else logits[r]
+                token = pick(scores, options)
                 if grammar.scores_decisions and len(options) > 1:
-                    decisions[r][len(written[r])] = _logprob(logits[r], options, token)
-                choice = _choice(grammar, state, logits[r])
+                    decisions[r][len(written[r])] = _logprob(scores, options, token)
+                choice = _choice(grammar, state, scores)
                 if choice is not None:
                     choices[r].append(choice)
                 pending[r] = [token, *grammar.forced([*written[r], token])]

@@ -115,6 +115,24 @@ def load_processor(model_name_or_path: str, min_side: int | None = None, max_sid
     return processor
 
 
+# What a QLoRA (or 8-bit) run quantizes: the language model's linear layers, where nearly all the weights are. The
+# vision tower with its merger and the output head stay in the compute dtype: 4-bit merger weights could not train
+# in full (train_merger: peft would ask a packed uint8 weight for gradients), and the vision tower is a sixth of
+# the 2B's weights. Patterns as transformers matches them: from the start of a module's full name.
+QUANTIZATION_SKIPS = ["model.visual", "lm_head"]
+
+
+def quantization_config(model_args: ModelConfig):
+    """TRL's ``get_quantization_config`` (4-bit type, nested quantization, storage; or 8-bit; compute dtype =
+    ``model_args.dtype``) with :data:`QUANTIZATION_SKIPS` left unquantized; None without quantization."""
+    from trl import get_quantization_config
+
+    config = get_quantization_config(model_args)
+    if config is not None:
+        config.llm_int8_skip_modules = list(QUANTIZATION_SKIPS)  # bitsandbytes' skip list, 4-bit included
+    return config
+
+
 # ModelConfig fields that only mean something with LoRA (use_peft) or with 4-bit loading.
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_target_parameters",
                "lora_modules_to_save", "lora_task_type", "use_rslora", "use_dora")

@@ -82,7 +82,8 @@ def load_for_inference(adapter_dir: str | Path, base: str | None = None, load_ad
     trained_on = adapter_base(adapter_dir)
     base = base or trained_on or str(adapter_dir)
     setup = detect_device()
-    model = load_model(base, setup, dtype=dtype)
+    quantization = trained_quantization(adapter_dir, setup, dtype)
+    model = load_model(base, setup, dtype=dtype, quantization=quantization)
     if trained_on is not None and load_adapter:
         try:
             model = PeftModel.from_pretrained(model, str(adapter_dir), torch_device=setup.device)
@@ -90,10 +91,36 @@ def load_for_inference(adapter_dir: str | Path, base: str | None = None, load_ad
             raise AdapterError(
                 f"adapter {adapter_dir} does not fit base model {base} (trained on {trained_on}): {error}"
             ) from error
-    model.to(setup.device)
+    if quantization is None:  # a quantized model is placed as it loads (and refuses .to)
+        model.to(setup.device)
     processor_dir = adapter_dir if (adapter_dir / "processor_config.json").is_file() else base
     processor = load_processor(str(processor_dir))
     return model, processor
+
+
+def trained_quantization(adapter_dir: Path, setup, dtype: torch.dtype | None = None):
+    """The quantization a QLoRA adapter was trained and validated on, to load its base the same way (CUDA with
+    bitsandbytes, no other dtype asked); None where there is none or it cannot be reproduced here (said once:
+    the base then loads unquantized, and answers may differ from those measured in training)."""
+    saved = SavedRun.read(adapter_dir).quantization
+    if not saved:
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        reason = "bitsandbytes is not installed (pip install 'bbox-sft[qlora]')"
+    else:
+        reason = None if setup.device == "cuda" else f"bitsandbytes needs CUDA, this machine runs on {setup.device}"
+    if dtype is not None:
+        reason = f"the base is asked for in {dtype} (a merge adds to full-precision weights)"
+    if reason is None:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig.from_dict(saved)
+    mode = "4-bit " + str(saved.get("bnb_4bit_quant_type")) if saved.get("load_in_4bit") else "8-bit"
+    logger.warning("%s was trained on a %s base; it is loaded here on the unquantized base (%s), so its answers "
+                   "may differ from those validated in training", adapter_dir, mode, reason)
+    return None
 
 
 @dataclass

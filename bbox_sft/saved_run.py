@@ -27,6 +27,7 @@ class SavedRun:
     max_objects: int | None = None  # list tasks: the most objects of a training answer (the grammar's bound)
     image_min_side: int | None = None
     image_max_side: int | None = None
+    quantization: dict[str, Any] | None = None  # the base's bitsandbytes config when trained quantized (QLoRA)
     fields: dict[str, Any] = field(default_factory=dict)  # every field as saved
 
     @classmethod
@@ -37,15 +38,17 @@ class SavedRun:
         return cls(task=get_task(saved.get("task", "subject")), answer_format=get_format(saved.get("answer_format",
                                                                                                     "json")),
                    labels=saved.get("labels"), max_objects=saved.get("max_objects"),
-                   image_min_side=saved.get("image_min_side"), image_max_side=saved.get("image_max_side"), fields=saved)
+                   image_min_side=saved.get("image_min_side"), image_max_side=saved.get("image_max_side"),
+                   quantization=saved.get("quantization"), fields=saved)
 
     @staticmethod
     def write(folder: str | Path, script_args: Any, labels: list[str] | None, max_objects: int | None = None,
-              max_new_tokens: int | None = None) -> Path:
+              max_new_tokens: int | None = None, quantization: dict[str, Any] | None = None) -> Path:
         """Save the recipe's fields (a dataclass), the labels and the list bound (with the token budget it
-        gives, for a reader) beside the model."""
+        gives, for a reader) beside the model, and the base's quantization where it trained quantized."""
         fields = asdict(script_args) if is_dataclass(script_args) else dict(script_args)
         path = Path(folder) / ARGS_NAME
         path.write_text(json.dumps({**fields, "labels": labels, "max_objects": max_objects,
-                                    "max_new_tokens": max_new_tokens}, indent=2))
+                                    "max_new_tokens": max_new_tokens, "quantization": quantization}, indent=2,
+                                   default=str))
         return path

@@ -213,6 +213,9 @@ def prepare(args: ServeArguments, platform: VllmPlatform | None = None
             merged[adapter] = str(target)
         else:
             said.append(f"{adapter}: served as a vLLM LoRA module named {Path(adapter).name}")
+        if SavedRun.read(adapter).quantization:  # QLoRA: trained and validated on a quantized base
+            said.append(f"{adapter}: trained on a quantized base (QLoRA); vLLM serves the unquantized base, so "
+                        "answers may differ from those measured in training")
     platform = platform or VllmPlatform.probe(args.vllm_python)
     command = serve_command(args, merged, platform)
     here = str(Path(__file__).resolve().parents[1])  # the grammar plugin is imported by vLLM's Python

@@ -26,7 +26,7 @@ import datasets
 import torch
 import transformers
 from transformers.trainer_utils import get_last_checkpoint
-from trl import ModelConfig, SFTConfig, TrlParser, get_quantization_config
+from trl import ModelConfig, SFTConfig, TrlParser
 
 from bbox_sft.chat import completion_messages
 from bbox_sft.collator import BoxSFTCollator, add_lengths
@@ -40,6 +40,7 @@ from bbox_sft.model import (
     load_model,
     load_processor,
     lora_config,
+    quantization_config,
     set_trainable,
     told_cpu,
     weights_dtype,
@@ -113,7 +114,7 @@ def build_trainer(script_args: BoxScriptArguments, training_args: SFTConfig, mod
     model = load_model(
         model_path,
         setup,
-        quantization=get_quantization_config(model_args),  # 4-bit (type, nested, storage) or 8-bit, as TRL
+        quantization=quantization_config(model_args),  # TRL's 4-bit or 8-bit, the vision side left unquantized
         attn_implementation=model_args.attn_implementation,
         revision=model_args.model_revision,
         dtype=dtype,
@@ -205,8 +206,9 @@ def main(script_args: BoxScriptArguments, training_args: SFTConfig, model_args: 
         processor = trainer.processing_class
         processor.save_pretrained(training_args.output_dir)  # with the pixel budget of this run
         budget = trainer.answer_budget()
-        SavedRun.write(training_args.output_dir, script_args, trainer.labels, trainer.max_objects,
-                       budget)  # what eval and predict read
+        quantized = getattr(trainer.accelerator.unwrap_model(trainer.model).config, "quantization_config", None)
+        SavedRun.write(training_args.output_dir, script_args, trainer.labels, trainer.max_objects, budget,
+                       quantization=quantized.to_dict() if quantized is not None else None)  # what eval, predict read
     logger.info("model saved to %s", training_args.output_dir)
 
     ################

@@ -62,6 +62,11 @@ class BoxSFTTrainer(SFTTrainer):
         calibration_dataset=None,
         **kwargs: Any,
     ) -> None:
+        training_args = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        model = kwargs.get("model") if "model" in kwargs else (args[0] if args else None)
+        if training_args is not None:
+            reentrant_under_zero3(training_args, kwargs.get("peft_config") is not None or hasattr(
+                model, "peft_config"))
         super().__init__(*args, **kwargs)
         self.calibration_dataset = calibration_dataset  # the validation split, for the box confidence
         self.calibration: Calibration | None = None
@@ -138,7 +143,11 @@ class BoxSFTTrainer(SFTTrainer):
                        synced_gpus=sharded, calibration=self.calibration if self.task.calibrates else None,
                        instruction=[instruction_of(p) for p in rows["prompt"]], labels=self.labels,
                        max_objects=self.max_objects)
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as model:
+        # the context turns activation checkpointing off for generation and back on after it: with the run's own
+        # kwargs (TRL's default would re-enable it without them, non-reentrant)
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator,
+                                         gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs
+                                         ) as model:
             predictions = generate_answers(model, self.processing_class, list(rows["image"]), **options)
         mine = list(zip(shard, predictions))  # the padding is left out here
         gathered = sorted(gather_object(mine), key=lambda pair: pair[0]) if world > 1 else mine
@@ -219,6 +228,20 @@ class BoxSFTTrainer(SFTTrainer):
         if evals:
             return evals[-1], f"last evaluation, step {evals[-1].get('step')}"
         return {}, "no evaluation ran"
+
+
+def reentrant_under_zero3(args, peft: bool) -> None:
+    """LoRA under DeepSpeed ZeRO-3 with activation checkpointing: reentrant checkpointing, in the kwargs the
+    Trainer reads (``activation_checkpointing_kwargs``).
+
+    ZeRO-3 releases frozen parameters during the recompute of non-reentrant checkpointing, and DeepSpeed before
+    0.19.3 then fails the first backward pass ("recomputed ... shape [0]"). TRL forces reentrant here too, but
+    through ``gradient_checkpointing_kwargs``, which transformers 5.24 reads only while parsing the arguments.
+    """
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if peft and plugin is not None and plugin.zero_stage == 3 and args.activation_checkpointing:
+        kwargs = {**(args.activation_checkpointing_kwargs or {}), "use_reentrant": True}
+        args.activation_checkpointing_kwargs = args.gradient_checkpointing_kwargs = kwargs
 
 
 def equal_shard(n: int, rank: int, world: int) -> tuple[list[int], list[int]]:

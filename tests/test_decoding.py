@@ -330,3 +330,70 @@ def test_fast_forward_writes_lists_as_generate_does_on_the_real_tokenizer(qwen_p
     assert max(len(p.objects) for p in fast) >= 2
     for a, b in zip(fast, reference):
         assert a.object_scores == pytest.approx(b.object_scores, abs=1e-5), a.raw
+
+
+# --- choices: ties and half precision ----------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=12, unique=True), st.data())
+def test_a_choice_takes_the_best_option_and_the_lowest_id_among_equals(options, data) -> None:
+    """As an argmax over the whole masked vocabulary (generate, vLLM): the first maximum in id order."""
+    values = data.draw(st.lists(st.sampled_from([-1.5, 0.0, 0.25, 3.0]), min_size=len(options),
+                                max_size=len(options)))
+    scores = torch.full((64,), -7.0)
+    scores[options] = torch.tensor(values)
+    masked = torch.full((64,), float("-inf"))
+    masked[options] = scores[options]
+    assert decoding.pick(scores, options) == int(masked.argmax())
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_where_every_score_ties_each_engine_writes_the_lowest_allowed_id(answer_format, tiny_model_dir,
+                                                                         box_dataset_dir, processor, monkeypatch):
+    """All logits equal at every step: generate's argmax takes the lowest allowed token id each time, and so must
+    fast-forward (in the qwen format ',' has a lower id than the digits: the grammar's option order is not it)."""
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+
+    def flat(module, args, kwargs, output):
+        output.logits.zero_()
+        return output
+
+    model.register_forward_hook(flat, with_kwargs=True)
+    images = _images(box_dataset_dir, 3)
+    kwargs = dict(answer_format=answer_format, batch_size=3, progress=False)
+    fast = generate_answers(model, processor, images, **kwargs)
+    assert [p.raw for p in fast] == [p.raw for p in _via_generate(monkeypatch, model, processor, images, **kwargs)]
+    assert all(p.box is not None for p in fast)
+
+
+def test_in_half_precision_choices_are_scored_in_fp32_from_the_last_hidden_state(tiny_model_dir, box_dataset_dir,
+                                                                                  processor) -> None:
+    """bf16 logits round nearby options onto one value; the decoder rescores the allowed tokens in fp32 from the
+    hidden state the model's head reads: the same quantity (rounded to bf16 it is the model's logit, to one
+    step of bf16) computed another way here (the last hidden state times the head's rows, in fp64)."""
+    from bbox_sft.decoding import prompt_text
+    from bbox_sft.tasks import get_task
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    grammar = AnswerGrammar(processor.tokenizer, "json")
+    batch = processor(text=[prompt_text(processor, get_task("subject").instruction())] * 4,
+                      images=[[image] for image in _images(box_dataset_dir, 4)], padding=True, padding_side="left",
+                      return_tensors="pt")
+    forced = torch.tensor([grammar.forced([])] * 4)  # up to the first digit of x_min: a choice among ten
+    batch = {**batch, "input_ids": torch.cat([batch["input_ids"], forced], 1),
+             "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(forced)], 1),
+             "mm_token_type_ids": torch.cat([batch["mm_token_type_ids"], torch.zeros_like(forced)], 1)}
+    decoder = ForcedTokenDecoder(model, grammar, processor.tokenizer.pad_token_id)
+    assert decoder.head is model.lm_head
+    logits = decoder._forward(**batch)
+    hidden = model(**batch, output_hidden_states=True).hidden_states[-1][:, -1]
+    options = grammar.allowed(grammar.forced([]))
+    assert len(options) == 10  # the first digit of x_min
+    for row in range(4):
+        scores = decoder.scores(logits, row, options)[options]
+        independent = (model.lm_head.weight[options].double() @ hidden[row].double()).float()
+        assert torch.allclose(scores, independent, rtol=1e-5, atol=1e-5)
+        ulp = (logits[row, options].float().abs() * 2**-7).clamp(min=2**-14)
+        assert ((scores - logits[row, options].float()).abs() <= ulp).all()
+        assert not torch.equal(scores, logits[row, options].float())  # finer than bf16's grid

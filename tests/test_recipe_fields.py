@@ -135,3 +135,45 @@ def test_qwen_answer_format_on_qwen2_5_vl_is_refused_naming_both(tmp_path: Path)
         check_answer_format(str(tmp_path / "qwen25"), "qwen")
     assert "answer_format 'qwen'" in str(error.value) and "qwen25" in str(error.value)
     check_answer_format(str(tmp_path / "qwen25"), "json")  # json fits any model
+
+
+def test_qlora_quantizes_the_language_model_only(tiny_model_dir: Path) -> None:
+    """Which modules a 4-bit run quantizes, by transformers' own matching of the skip list: every linear layer of
+    the language model; none of the vision tower, its merger (so train_merger can train it in full) or the head."""
+    from transformers import AutoModelForImageTextToText
+    from transformers.quantizers.quantizers_utils import should_convert_module
+    from trl import ModelConfig
+
+    from bbox_sft.model import quantization_config
+
+    config = quantization_config(ModelConfig(model_name_or_path="x", use_peft=True, load_in_4bit=True,
+                                             dtype="bfloat16"))
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    converted = {name for name in linear if should_convert_module(name, config.llm_int8_skip_modules)}
+    assert converted and all(".language_model." in name for name in converted)
+    assert {name for name in linear if ".language_model." in name} == converted
+    assert any("merger" in name for name in linear) and "lm_head" not in converted
+
+
+def test_a_qlora_run_is_recorded_and_inference_says_it_cannot_reproduce_it_here(adapter_dir: Path, tmp_path: Path,
+                                                                              caplog) -> None:
+    """The saved run records the base's quantization; on a machine without CUDA and bitsandbytes the base loads
+    unquantized and the log says so (a QLoRA adapter validated on nf4 answers differently on a bf16 base)."""
+    import json
+    import shutil
+
+    from bbox_sft.predict import load_for_inference
+    from bbox_sft.saved_run import SavedRun
+
+    folder = tmp_path / "qlora"
+    shutil.copytree(adapter_dir, folder)
+    args = json.loads((folder / "bbox_sft_args.json").read_text())
+    quantized = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "llm_int8_skip_modules": ["model.visual",
+                                                                                                "lm_head"]}
+    (folder / "bbox_sft_args.json").write_text(json.dumps({**args, "quantization": quantized}))
+    assert SavedRun.read(folder).quantization == quantized and SavedRun.read(adapter_dir).quantization is None
+    model, _ = load_for_inference(folder)
+    assert "trained on a 4-bit nf4 base" in caplog.text and "unquantized" in caplog.text
+    assert not getattr(model.config, "quantization_config", None)

@@ -345,3 +345,38 @@ def test_unknown_key_in_a_recipe_file_is_named(tmp_path: Path) -> None:
     result = _run([sys.executable, "bbox_sft/train.py", str(recipe)])
     assert result.returncode != 0
     assert "learning_rat" in result.stderr
+
+
+def test_checkpointing_keeps_the_runs_kwargs_after_a_validation(tiny_model_dir: Path, eight_records: Path,
+                                                                  tmp_path: Path) -> None:
+    """Validation generates with checkpointing off and turns it back on: with the run's kwargs (here reentrant,
+    what LoRA under ZeRO-3 needs), not TRL's default (non-reentrant). Checked on every checkpointed layer."""
+    from types import SimpleNamespace
+
+    from bbox_sft.train import build_trainer
+    from bbox_sft.trainer import reentrant_under_zero3
+
+    trainer = build_trainer(*parse_args(_args(tiny_model_dir, eight_records, tmp_path / "run", "--use_peft", "true",
+                                              "--train_merger", "false", "--train_vision_tower", "false",
+                                              "--activation_checkpointing", "true", "--activation_checkpointing_kwargs",
+                                              '{"use_reentrant": true}', "--eval_strategy", "steps",
+                                              "--box_eval_samples", "2", "--max_steps", "1")))
+
+    def reentrant() -> set:
+        return {layer._gradient_checkpointing_func.keywords.get("use_reentrant")
+                for layer in trainer.model.modules() if getattr(layer, "gradient_checkpointing", False)}
+
+    trainer.train()
+    assert reentrant() == {True}
+    trainer.evaluate()
+    assert reentrant() == {True}
+    # LoRA under ZeRO-3 (a plugin as accelerate builds it from zero3.yaml) with checkpointing: reentrant, in the
+    # field the Trainer reads; full fine-tuning, ZeRO-2 or no checkpointing: untouched
+    for peft, stage, checkpointing, forced in ((True, 3, True, True), (False, 3, True, False),
+                                               (True, 2, True, False), (True, 3, False, False)):
+        args = SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage),
+                               activation_checkpointing=checkpointing, gradient_checkpointing_kwargs=None,
+                               activation_checkpointing_kwargs={"every_n_layers": 2})
+        reentrant_under_zero3(args, peft)
+        assert args.activation_checkpointing_kwargs == (
+            {"every_n_layers": 2, "use_reentrant": True} if forced else {"every_n_layers": 2})
