@@ -319,3 +319,106 @@ def test_preview_lines_and_labels_grow_with_the_photo() -> None:
         thumb.thumbnail((TILE, TILE))
         assert (np.asarray(thumb)[..., 1] > 120).sum(0).max() > 0
     assert thickness[TILE] == 3 and thickness[2048] == 24 and thickness[4096] == 48, thickness
+
+
+# --- what each layout writes in the wild, and every box counted where it belongs --------------------------
+
+
+def _split_and_boxes(dataset) -> dict[str, tuple[str, int]]:
+    return {r["image_id"]: (split, len(r["labels"])) for split in dataset for r in dataset[split]}
+
+
+def test_val_and_valid_folders_and_split_names_are_the_validation_split(exports, tmp_path) -> None:
+    """Roboflow writes valid/, Ultralytics and many tools val/, datasets sets name splits validation, valid or val:
+    each is the validation split, and test/ stays the test split (mapping val to test would drop the real one)."""
+    import datasets
+
+    expected_splits = {stem: split for stem, split, _ in scenes()}
+    roots = {"valid/": exports["roboflow"], "val/": tmp_path / "val_folders"}
+    shutil.copytree(exports["roboflow"], roots["val/"])
+    (roots["val/"] / "valid").rename(roots["val/"] / "val")
+    loaded = datasets.load_from_disk(str(exports["hf"]))
+    for name in ("val", "valid"):
+        roots[f"datasets '{name}'"] = tmp_path / f"hf_{name}"
+        datasets.DatasetDict({"train": loaded["train"], name: loaded["validation"], "test": loaded["test"]}
+                             ).save_to_disk(str(roots[f"datasets '{name}'"]))
+    for what, root in roots.items():
+        dataset, report = _prepare(root, tmp_path / f"out_{len(what)}_{what[:3]}", task="objects")
+        assert {stem: split for stem, (split, _) in _split_and_boxes(dataset).items()} == expected_splits, what
+        assert report["export_splits"] == ["train", "validation", "test"], what
+
+
+def _unsplit(root: Path, layout: str) -> None:
+    """The export without its split lists: YOLO as images/ + labels/ + classes.txt, VOC without ImageSets."""
+    if layout == "yolo":
+        for kind in ("images", "labels"):
+            for path in list((root / kind).rglob("*.*")):
+                path.rename(root / kind / path.name)
+        (root / "data.yaml").unlink()
+        (root / "classes.txt").write_text("\n".join(NAMES) + "\n")
+    elif layout == "voc":
+        shutil.rmtree(root / "ImageSets")
+
+
+def _lose_three_boxes_each(root: Path, layout: str) -> None:
+    """Three boxes right of the image added to scene_00, in the layout's own way."""
+    if layout == "coco":
+        data = json.loads((root / "annotations.json").read_text())
+        image = next(i["id"] for i in data["images"] if i["file_name"] == "scene_00.jpg")
+        data["annotations"] += [{"id": 900 + k, "image_id": image, "category_id": 1, "iscrowd": 0,
+                                 "bbox": [W + 10 * k + 1, 10, 8, 5]} for k in range(3)]
+        (root / "annotations.json").write_text(json.dumps(data))
+    elif layout == "yolo":
+        label = root / "labels" / "scene_00.txt"
+        label.write_text(label.read_text() + "".join(f"1 1.{k + 2} 0.5 0.1 0.1\n" for k in range(3)))
+    else:
+        xml = root / "Annotations" / "scene_00.xml"
+        extra = "".join(f"<object><name>dog</name><bndbox><xmin>{W + 10 * k + 2}</xmin><ymin>5</ymin><xmax>"
+                        f"{W + 10 * k + 9}</xmax><ymax>30</ymax></bndbox></object>" for k in range(3))
+        xml.write_text(xml.read_text().replace("</annotation>", extra + "</annotation>"))
+
+
+@pytest.mark.parametrize("layout", ["coco", "yolo", "voc"])
+def test_an_image_losing_several_boxes_to_one_reason_counts_each(exports, tmp_path, layout: str) -> None:
+    """Three boxes of one image lost for one reason are three, in the totals and in the image's split; an unsplit
+    export files every box under the split its image was drawn into, never under 'unsplit'."""
+    root = tmp_path / layout
+    shutil.copytree(exports[layout], root)
+    _unsplit(root, layout)
+    _lose_three_boxes_each(root, layout)
+    dataset, report = _prepare(root, tmp_path / f"{layout}_out", task="objects")
+    assert report["boxes"]["lost"] == {"outside_image": 3}, layout
+    records = _split_and_boxes(dataset)
+    split = records["scene_00"][0]
+    assert report["boxes_by_split"][split]["lost"] == {"outside_image": 3}, layout
+    for name in ("train", "validation", "test"):  # kept boxes filed where their images ended up
+        kept = sum(n for s, n in records.values() if s == name)
+        assert report["boxes_by_split"].get(name, {}).get("kept", 0) == kept, (layout, name)
+    assert "unsplit" not in report["boxes_by_split"], layout
+
+
+def test_yolo_class_indices_with_gaps_keep_their_names(exports, tmp_path) -> None:
+    """data.yaml names as a mapping with a gap (0: cat, 2: bird): index 2 is bird, however many names there are."""
+    root = tmp_path / "gaps"
+    shutil.copytree(exports["yolo"], root)
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\ntest: images/test\n"
+                                    "names:\n  0: cat\n  2: bird\n")
+    for label in (root / "labels").rglob("*.txt"):  # dogs (index 1) go: no name for them now
+        label.write_text("".join(line + "\n" for line in label.read_text().splitlines() if not line.startswith("1 ")))
+    dataset, report = _prepare(root, tmp_path / "gaps_out", task="objects")
+    birds = sum(label == "bird" for _, _, objects in scenes() for label, _ in objects)
+    assert sum(r["labels"].count("bird") for s in dataset for r in dataset[s]) == birds > 0
+    assert report["categories"] == ["bird", "cat"] and report["boxes"]["lost"] == {}
+
+
+def test_a_voc_object_with_a_blank_name_is_lost_as_unnamed_not_labelled_blank(exports, tmp_path) -> None:
+    root = tmp_path / "voc"
+    shutil.copytree(exports["voc"], root)
+    xml = root / "Annotations" / "scene_00.xml"
+    blank = ("<object><name>  \t</name><bndbox><xmin>5</xmin><ymin>5</ymin><xmax>50</xmax><ymax>40</ymax></bndbox>"
+             "</object>")
+    xml.write_text(xml.read_text().replace("</annotation>", blank + "</annotation>"))
+    dataset, report = _prepare(root, tmp_path / "voc_out", task="objects")
+    assert report["boxes"]["lost"] == {"no_label": 1}
+    assert all(label.strip() for s in dataset for r in dataset[s] for label in r["labels"])
+    assert report["categories"] == sorted(NAMES)

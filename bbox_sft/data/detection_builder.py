@@ -206,7 +206,7 @@ def box_ledger(reads, entries, usable, final) -> dict[str, dict[str, int]]:
     for split, _, read in reads:  # boxes of no listed image (unknown_image, bad annotations)
         tied = sum((Counter(dict(image.lost)) for image in read.images), Counter())
         ledger[split or UNSPLIT].update(read.skipped - tied)
-    return {split: {k: n for k, n in sorted(v.items()) if n} for split, v in sorted(ledger.items())}
+    return {split: {k: n for k, n in sorted(v.items()) if n} for split, v in sorted(ledger.items()) if +v}
 
 
 def detection_summary_line(report: dict[str, Any]) -> str:

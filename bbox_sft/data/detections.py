@@ -10,6 +10,7 @@ that cannot be used is never dropped silently; it is counted under one reason:
 - ``outside_image``: nothing of it inside the image;
 - ``crowd``: COCO ``iscrowd: 1`` regions (a crowd, not one object);
 - ``unknown_category``: a category id the export does not name;
+- ``no_label``: a VOC object whose name is empty or blank;
 - ``unknown_image``: an annotation of an image the export does not list;
 - ``image_skipped``: its image is missing or unreadable (the image's own reason is in the report);
 - ``unreadable_annotation``: in an annotation file that cannot be parsed (its boxes cannot be counted:

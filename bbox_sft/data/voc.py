@@ -105,7 +105,7 @@ class VocLayout(Layout):
                         reason, where = "bad_bbox", f"{where} ({error})"
                     else:
                         box, note = pixel_box(x0, y0, x1, y1, *size)
-                        reason = "bad_bbox" if not label else note if box is None else None
+                        reason = "no_label" if not label else note if box is None else None
                         if box is not None and note and reason is None:
                             read.fixed[note] += 1
                 if reason is not None:
