@@ -422,3 +422,23 @@ def test_a_voc_object_with_a_blank_name_is_lost_as_unnamed_not_labelled_blank(ex
     assert report["boxes"]["lost"] == {"no_label": 1}
     assert all(label.strip() for s in dataset for r in dataset[s] for label in r["labels"])
     assert report["categories"] == sorted(NAMES)
+
+
+def test_each_image_asks_for_its_own_absent_category(exports, tmp_path) -> None:
+    """The phrase task asks each image about one category it does not hold, drawn per image by a stable hash
+    (sha256 of seed, image id and category, computed here): images differ in which absent category they get."""
+    import hashlib
+
+    dataset, _ = _prepare(exports["yolo"], tmp_path / "phrase", task="phrase", seed=7)
+    asked_absent = {}
+    for split in dataset:
+        for r in dataset[split]:
+            if not r["labels"]:
+                asked_absent.setdefault(r["image_id"], []).append(r["query"])
+    drawn = {}
+    for stem, _, objects in scenes():
+        missing = [c for c in NAMES if c not in {label for label, _ in objects}]
+        if missing:
+            drawn[stem] = [min(missing, key=lambda c: hashlib.sha256(f"7:{stem}:{c}".encode()).digest())]
+    assert asked_absent == drawn
+    assert len({q for queries in drawn.values() for q in queries}) > 1

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 import evaluate
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -22,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import bbox_sft.iou_metric
+from bbox_sft.boxes import Box
 from bbox_sft.calibration import chance_ece
 from bbox_sft.cli import main as cli
 from bbox_sft.decoding import generate_answers
@@ -177,9 +179,17 @@ def test_predict_on_a_folder_reports_the_corrupt_image_and_goes_on(adapter_dir, 
     assert [Path(line["image"]).name for line in bad] == ["corrupt.jpg"]
     good = [line for line in lines if "error" not in line]
     assert (adapter_dir / "box_confidence.json").is_file()  # calibrated at the end of training
+    from bbox_sft.predict import BoxPredictor
+
+    predicted = {r.path: r.prediction for r in BoxPredictor.from_pretrained(adapter_dir).predict_files(
+        [line["image"] for line in good])}
+    assert any(p.confidence != p.spread for p in predicted.values())  # so a swap of the two would show
     for line in good:
         assert set(line) == {"image", "box", "box_px", "confidence", "spread", "raw"}
         assert 0 <= line["confidence"] <= 1 and 0 <= line["spread"] < 1
+        mine = predicted[line["image"]]  # each field in its own place, from the prediction itself
+        assert (line["confidence"], line["spread"], line["raw"]) == (round(mine.confidence, 4),
+                                                                    round(mine.spread, 4), mine.raw)
         width, height = Image.open(line["image"]).size
         x0, y0, x1, y1 = line["box_px"]
         assert 0 <= x0 <= x1 <= width and 0 <= y0 <= y1 <= height
@@ -201,6 +211,12 @@ def test_eval_reports_three_rows_and_skips_a_corrupt_record(adapter_dir, box_dat
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["rows"]) == {"adapter", "base (no adapter)", "base, native grounding prompt", "center prior"}
     assert report["evaluated"] == len(rows) - 1
+    # the center prior is the train split's mean box (never the scored split's own), scored on the kept records
+    train_mean = np.asarray(dataset["train"]["box"], dtype=float).mean(0)
+    assert not np.allclose(train_mean, np.asarray(dataset["test"]["box"], dtype=float).mean(0), atol=1e-3)
+    assert report["center_prior_box"] == pytest.approx(train_mean.tolist())
+    kept = [Box(*r["box"]) for k, r in enumerate(rows) if k != 1]
+    assert report["rows"]["center prior"] == pytest.approx(box_metrics([Box(*train_mean)] * len(kept), kept))
     assert set(report["confidence"]) >= {"confidence_ece", "calibrated_on"} and (out / "reliability.png").is_file()
     assert [s["image_id"] for s in report["skipped"]] == [rows[1]["image_id"]]
     assert report["rows"]["adapter"]["parse_rate"] == 1.0

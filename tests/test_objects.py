@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -331,6 +332,14 @@ def test_eval_on_objects_scores_adapter_base_and_prior_rows(objects_run, tmp_pat
     assert all(0 < s <= 1 for row in scores for s in row)
     assert report["rows"]["adapter"] == pytest.approx(detection_metrics(answers, truth, scores))
     assert "mean count per image" in report["prior"]
+    # the prior from the train split, computed here: its mean count of boxes, at its mean box, its commonest labels
+    train = data["train"]
+    boxes = [b for bs in train["boxes"] for b in bs]
+    labels = [label for ls in train["labels"] for label in ls]
+    count, mean = round(len(boxes) / len(train)), Box(*np.asarray(boxes, dtype=float).mean(0))
+    common = [label for label, _ in Counter(labels).most_common()]
+    guess = [LabelledBox(common[i % len(common)], mean) for i in range(count)]
+    assert count >= 1 and report["rows"]["prior"] == pytest.approx(detection_metrics([guess] * len(truth), truth))
     assert (tmp_path / "eval" / "grid.png").is_file() and "f1@0.5" in (tmp_path / "eval" / "report.md").read_text()
 
 
@@ -474,6 +483,36 @@ def test_object_scores_come_from_the_decisions_that_wrote_each_object(tokenizers
     assert grammar.object_scores(ids, decision_logprobs(grammar, ids, sure)) == pytest.approx([1.0, 1.0], abs=1e-6)
     first, second = grammar.object_scores(ids, decision_logprobs(grammar, ids, torn))
     assert first < 0.97 and second > 0.99  # a geometric mean: the sure digits of the first object count too
+
+
+@pytest.mark.parametrize("which", ["tiny", "qwen"])
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+def test_each_decision_counts_toward_the_object_it_writes(tokenizers, which, answer_format) -> None:
+    """Three objects, every decision of its own log-probability; each object's score is the geometric mean of its
+    decisions, assigned here from the text written up to and with the decision's token: in json an object's
+    decisions run from the choice that there is one more (and its label) to its last digit, so a decision's
+    object is the number of objects closed ("}") by then, and the final "no more" counts for none; in qwen the
+    label follows the numbers, so an object's decisions run from its first digit through its label and whether
+    another follows: the objects opened ("bbox_2d") by then, less one."""
+    import math
+
+    from bbox_sft.grammar import ListGrammar
+
+    tokenizer = tokenizers[which]
+    grammar = ListGrammar(tokenizer, LABELS, answer_format)
+    items = [LabelledBox("cat", Box(0.1, 0.2, 0.3, 0.4)), LabelledBox("dog", Box(0.15, 0.1, 0.9, 0.6)),
+             LabelledBox("cat", Box(0.5, 0.05, 0.75, 0.95))]
+    ids = grammar.compose(items) + [grammar.eos]
+    decisions = {t: -0.01 * (t + 1) for t in range(len(ids)) if len(grammar.allowed(ids[:t])) > 1}
+    assert len(decisions) > 12
+    owned: dict[int, list[float]] = {}
+    for t, value in decisions.items():
+        written = tokenizer.decode(ids[: t + 1])  # a token may hold the brace and the choice ("},")
+        k = written.count("}") if answer_format == "json" else max(0, written.count("bbox_2d") - 1)
+        if k < len(items):
+            owned.setdefault(k, []).append(value)
+    expected = [math.exp(sum(v) / len(v)) for _, v in sorted(owned.items())]
+    assert grammar.object_scores(ids, decisions) == pytest.approx(expected, rel=1e-9)
 
 
 def test_a_list_dataset_built_in_json_is_rewritten_for_a_qwen_recipe(tmp_path) -> None:

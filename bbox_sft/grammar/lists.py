@@ -187,9 +187,11 @@ class ListGrammar(TokenGrammar):
     def object_scores(self, generated: Sequence[int], decisions: Mapping[int, float]) -> list[float]:
         """Per written object, the geometric mean probability of the decisions that wrote it.
 
-        A decision is a step where the grammar allowed more than one token: whether there is another
-        object, its label, its digits. ``decisions[t]`` is the model's log-probability of the token
-        written at step ``t`` among the allowed ones (:func:`~bbox_sft.decoding.decision_logprobs`).
+        A decision is a step where the grammar allowed more than one token. In json an object's decisions are
+        that there is one more object and its label (they open it), then its digits; the final "no more" is
+        left out. In qwen, where the label follows the numbers, they are its digits, then its label and whether
+        another object follows. ``decisions[t]`` is the model's log-probability of the token written at step
+        ``t`` among the allowed ones (:func:`~bbox_sft.decoding.decision_logprobs`).
         """
         logs: dict[int, list[float]] = {}
         for t in sorted(decisions):
