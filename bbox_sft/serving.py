@@ -164,8 +164,12 @@ def serve_command(args: ServeArguments, merged: dict[str, str] | None = None,
                # with no sampling defaults from the model's generation_config (penalties would change them)
                "--logprobs-mode", "processed_logprobs", "--generation-config", "vllm"]
     sides = {(r.image_min_side, r.image_max_side) for r in runs.values()}
-    if len(sides) == 1 and None not in next(iter(sides)):
-        low, high = next(iter(sides))
+    if len(sides) > 1:  # vLLM resizes every request with the server's budget (per request only if told to trust)
+        budgets = {Path(a).name: (r.image_min_side, r.image_max_side) for a, r in runs.items()}
+        raise ValueError(f"one server serves one pixel budget (image_min_side, image_max_side); these adapters were "
+                         f"trained at different ones: {budgets}. Start one server per budget.")
+    low, high = next(iter(sides))
+    if low is not None and high is not None:
         command += ["--mm-processor-kwargs", json.dumps({"min_pixels": low * low, "max_pixels": high * high})]
     served_as = [Path(a).name for a in args.adapter if a in merged]
     if served_as:  # a merged adapter answers under its own name, as a LoRA module would (LoRAs may sit on it)

@@ -158,11 +158,15 @@ def test_spread_reads_the_digit_distributions() -> None:
 def test_calibration_recovers_a_known_relation() -> None:
     rng = np.random.default_rng(0)
     spreads = np.exp(rng.uniform(-6, -1, 4000))
-    boxes = [(0.2, 0.2, 0.2 + w, 0.2 + w) for w in rng.uniform(0.1, 0.7, 4000)]
-    truth = lambda s, b: 1 / (1 + math.exp(-(-4.0 - 1.5 * math.log(s + 1e-4) + 0.5 * math.log((b[2] - b[0]) ** 2))))  # noqa: E731
+    boxes = [(0.2, 0.1, 0.2 + w, 0.1 + h) for w, h in rng.uniform(0.05, 0.75, (4000, 2))]  # not square
+    truth = lambda s, b: 1 / (1 + math.exp(-(-4.0 - 1.5 * math.log(s + 1e-4) + 0.5 * math.log(  # noqa: E731
+        (b[2] - b[0]) * (b[3] - b[1])))))
     hits = [rng.random() < truth(s, b) for s, b in zip(spreads, boxes)]
     calibration = Calibration.fit(spreads, boxes, hits)
     assert calibration.coef[0] == pytest.approx(-1.5, abs=0.25) and calibration.coef[1] == pytest.approx(0.5, abs=0.25)
+    from bbox_sft.calibration import features
+
+    assert features(0.1, (0.1, 0.2, 0.5, 0.3))[1] == pytest.approx(math.log(0.4 * 0.1 + 1e-4))  # width x height
     probs = [calibration.probability(s, b) for s, b in zip(spreads, boxes)]
     assert expected_calibration_error(probs, hits) < 0.03
     assert auroc(probs, hits) == pytest.approx(auroc([truth(s, b) for s, b in zip(spreads, boxes)], hits), abs=0.01)

@@ -359,6 +359,29 @@ def test_the_app_handlers_show_an_objects_model_s_list_like_predict(objects_run,
     _, jsonl, summary = app.many([str(image), str(image.with_name("missing.jpg"))])
     lines = [json.loads(line) for line in open(jsonl)]
     assert lines[0] == expected and "missing_file" not in lines[1] and "no such file" in lines[1]["error"]
+    # the app's model answers under the saved run's grammar: its labels and its bound, read back from the folder
+    saved = json.loads((out / "bbox_sft_args.json").read_text())
+    assert (app.predictor.labels, app.predictor.max_objects) == (saved["labels"], saved["max_objects"])
+    assert app.predictor.constrained and saved["labels"] and saved["max_objects"]
+
+
+@pytest.mark.parametrize("answer_format", ["json", "qwen"])
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_a_phrase_answer_can_only_name_the_category_asked(tokenizers, answer_format, data) -> None:
+    """Any walk through a phrase model's grammar for the query "cat" names cats only (the task's own spec, as a
+    vLLM server builds it too), though the run knows more labels."""
+    from bbox_sft.tasks import get_task
+
+    task = get_task("phrase")
+    spec = task.grammar_spec(answer_format, LABELS, "cat", 3)
+    assert spec.labels == ("cat",)
+    grammar, tokenizer = spec.build(tokenizers["qwen"]), tokenizers["qwen"]
+    ids: list[int] = []
+    while not ids or ids[-1] != grammar.eos:
+        ids.append(data.draw(st.sampled_from(grammar.allowed(ids))))
+    found = parse_objects(tokenizer.decode(ids, skip_special_tokens=True))
+    assert found is not None and {o.label for o in found} <= {"cat"}
 
 
 

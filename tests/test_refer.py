@@ -80,7 +80,7 @@ def test_bad_lines_are_counted_not_fatal(refer_dir: Path, tmp_path: Path) -> Non
         json.dumps({**first, "expression": "  "}),
         json.dumps({**first, "bbox": [1, 2, 0, 5]}),
         json.dumps({**first, "bbox": "nope"}),
-        json.dumps({**first, "image": "images/missing.jpg"}),
+        *(json.dumps({**first, "image": "images/missing.jpg", "expression": f"the shape {k}"}) for k in range(3)),
     ]
     source = tmp_path / "src"
     source.mkdir()
@@ -90,7 +90,7 @@ def test_bad_lines_are_counted_not_fatal(refer_dir: Path, tmp_path: Path) -> Non
                                      train_size=100, val_size=100, test_size=100))
     report = json.loads((tmp_path / "out" / "build_report.json").read_text())
     assert report["skipped_expressions"] == {"bad_line": 1, "bad_expression": 1, "zero_area": 1, "bad_bbox": 1,
-                                             "image_skipped": 1}
+                                             "image_skipped": 3}  # one missing image, three expressions lost
     assert report["skipped"] == {"missing_file": 1}
     assert report["expressions"] == len(good)
 

@@ -161,3 +161,22 @@ def test_the_client_takes_the_url_serve_prints_or_the_openai_base() -> None:
     assert openai_base("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
     assert openai_base("http://127.0.0.1:8000/v1/") == "http://127.0.0.1:8000/v1"
     assert openai_base("https://proxy.example/bbox/v1") == "https://proxy.example/bbox/v1"
+
+
+def test_adapters_trained_at_different_pixel_budgets_are_refused_naming_them(tmp_path) -> None:
+    """vLLM resizes every request with the server's one budget (per-request budgets only with
+    --trust-request-mm-kwargs): serving a 64²..96² adapter beside a 128²..160² one would feed one of them images
+    of a size it never trained on, so serve refuses, naming each adapter's budget."""
+    import json as json_
+
+    from bbox_sft.serving import ServeArguments, VllmPlatform, serve_command
+
+    a = _adapter(tmp_path / "a", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM)
+    b = _adapter(tmp_path / "b", "Qwen/Qwen3-VL-2B-Instruct", target_modules=LM)
+    args = json_.loads((b / "bbox_sft_args.json").read_text())
+    (b / "bbox_sft_args.json").write_text(json_.dumps({**args, "image_min_side": 64, "image_max_side": 96}))
+    with pytest.raises(ValueError, match=r"one pixel budget.*'a': \(320, 448\), 'b': \(64, 96\)"):
+        serve_command(ServeArguments(adapter=[str(a), str(b)]), platform=VllmPlatform())
+    command = serve_command(ServeArguments(adapter=[str(a)]), platform=VllmPlatform())
+    assert json_.loads(command[command.index("--mm-processor-kwargs") + 1]) == {"min_pixels": 320**2,
+                                                                               "max_pixels": 448**2}

@@ -271,6 +271,33 @@ def test_bad_files_get_their_reason_and_the_rest_their_answers(served, images, t
         assert got["raw"] == expected["raw"] and got["box_px"] == expected["box_px"], name
 
 
+def test_a_request_the_server_refuses_or_that_times_out_is_that_files_error_line(served, images, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """One description too long for the model's context (vLLM answers 400) costs its own line; the rest of the run
+    is answered as locally and the exit code says one failed. Requests that time out each get their error too."""
+    from bbox_sft import cli
+
+    adapters, url, _, _ = served
+    queries = [{"image": str(path), "query": f"the {color} star"} for path, color in zip(images[:4],
+                                                                                          ("red", "blue", "green",
+                                                                                           "small"))]
+    queries[2]["query"] = " ".join(["the very long description of a star"] * 400)  # far past max_model_len
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    code = cli.main(["predict", "--adapter", str(adapters["refer"]), "--queries", str(tmp_path / "questions.jsonl"),
+                     "--server", url, "--api_key", KEY])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1 and [line["image"] for line in lines] == [q["image"] for q in queries]
+    assert "HTTP 400" in lines[2]["error"], lines[2]
+    local = _local(adapters["refer"]).predict_files([q["image"] for q in queries[:2] + queries[3:]],
+                                                    query=[q["query"] for q in queries[:2] + queries[3:]])
+    assert [line["raw"] for line in lines[:2] + lines[3:]] == [r.prediction.raw for r in local]
+    hurried = _remote(adapters["subject-json"], url)
+    hurried.http.timeout = httpx.Timeout(0.001)  # after listing the models, which needs the usual timeout
+    results = list(hurried.predict_files(images[:3]))
+    assert [r.path for r in results] == [str(p) for p in images[:3]]
+    assert all(r.prediction is None and "no answer from" in r.error for r in results)
+
+
 def _good_request(url: str, model: str, image: Path) -> httpx.Response:
     from bbox_sft.grammar.spec import GrammarSpec
     from bbox_sft.server_client import chat_request, data_url
