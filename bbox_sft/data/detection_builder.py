@@ -42,7 +42,7 @@ from .checks import check_image, image_bytes
 from .config import BoxesConfig
 from .detections import DetectionImage
 from .exports import describe_layouts, find_export
-from .splits import SPLITS, assign_splits, hash_unit
+from .splits import all_splits, assign_splits, hash_unit, size_of
 
 logger = logging.getLogger(__name__)
 UNSPLIT = "unsplit"  # where the boxes of an unsplit export's images that no split took are counted
@@ -109,15 +109,17 @@ class DetectionBoxes(datasets.GeneratorBasedBuilder):
         dropped = [c for c in declared if c not in categories]
 
         split_sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
+        splits = all_splits(split for split, _ in export.parts)
         if export.split:  # the export's splits, each its first images in hash order up to its size
             split_ids = {s: sorted((i for i, (own, _) in usable.items() if own == s),
-                                   key=lambda i: hash_unit(i, config.seed))[: split_sizes[s]] for s in SPLITS}
+                                   key=lambda i: hash_unit(i, config.seed))[: size_of(s, split_sizes)]
+                         for s in splits}
         else:
             split_ids = assign_splits(list(usable), split_sizes, seed=config.seed)
         final = {i: s for s, ids in split_ids.items() for i in ids}
         plans = {split: [plan for i in split_ids[split] for plan in
                          self._plans(usable[i][1], checks[usable[i][1].path], categories, config)]
-                 for split in SPLITS}
+                 for split in splits}
         boxes = box_ledger(reads, entries, usable, final)
         longest = max(((len(usable[i][1].objects), i) for i in final), default=(0, None))
         self.report = {
@@ -152,7 +154,7 @@ class DetectionBoxes(datasets.GeneratorBasedBuilder):
             "skipped_annotation_examples": {k: v for _, _, read in reads for k, v in read.examples.items()},
         }
         logger.info(detection_summary_line(self.report))
-        return [datasets.SplitGenerator(name=split, gen_kwargs={"plans": plans[split]}) for split in SPLITS
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"plans": plans[split]}) for split in splits
                 if plans[split]]
 
     @staticmethod
@@ -210,8 +212,8 @@ def box_ledger(reads, entries, usable, final) -> dict[str, dict[str, int]]:
 
 
 def detection_summary_line(report: dict[str, Any]) -> str:
-    splits = " / ".join(f"{s} {report['split_sizes'][s]} images ({report['split_records'][s]} records)"
-                        for s in SPLITS)
+    splits = " / ".join(f"{s} {n} images ({report['split_records'][s]} records)"
+                        for s, n in report["split_sizes"].items())
     boxes = report["boxes"]
     dropped = f"; categories without boxes left out: {', '.join(report['dropped_categories'])}" \
         if report["dropped_categories"] else ""

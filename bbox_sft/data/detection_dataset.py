@@ -22,9 +22,7 @@ from tqdm.auto import tqdm
 from ..formats import LabelledBox
 from .detections import DetectionAnnotations, Layout, coco_box
 from .sources import load_dataset_source
-
-SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
-               "test": "test"}
+from .splits import split_name
 
 
 def category_names(features: datasets.Features) -> list[str] | None:
@@ -66,7 +64,7 @@ class DetectionDatasetLayout(Layout):
     @classmethod
     def splits_of(cls, source: str, work_dir: Path) -> dict[str, DetectionDatasetLayout]:
         loaded = cls.load(source)
-        return {SPLIT_NAMES.get(name, name): cls(split, f"{source} [{name}]", work_dir / "images" / name)
+        return {split_name(name): cls(split, f"{source} [{name}]", work_dir / "images" / name)
                 for name, split in loaded.items()}
 
     @classmethod

@@ -20,7 +20,7 @@ from .detection_builder import DetectionBoxes, detection_summary_line
 from .exports import describe_layouts, has_detection
 from .refer import ReferBoxes, has_refer, refer_summary_line
 from .sources import find_archives, find_pairs
-from .splits import SPLITS
+from .splits import SPLITS, all_splits
 
 logger = logging.getLogger(__name__)
 REPORT_NAME = "build_report.json"
@@ -117,7 +117,8 @@ def prepare_dataset(args: PrepareArguments) -> datasets.DatasetDict:
             logger.warning("split %r is empty (asked for %d, %d usable images left for it)", split,
                            builder.report["requested_sizes"][split], builder.report["split_sizes"][split])
             dataset[split] = datasets.Dataset.from_dict({k: [] for k in task.features}, features=task.features)
-        dataset = datasets.DatasetDict({split: dataset[split] for split in SPLITS})
+        # our three splits first (empty ones too, so every folder loads the same way), then the source's others
+        dataset = datasets.DatasetDict({split: dataset[split] for split in all_splits(dataset)})
         if output_dir.exists():
             shutil.rmtree(output_dir)
         # an empty split is saved as one empty shard: ``datasets`` would write none, which cannot be loaded

@@ -37,7 +37,7 @@ from .checks import check_image, image_bytes
 from .config import BoxesConfig
 from .detections import coco_box
 from .sources import is_dataset_source, load_dataset_source
-from .splits import SPLITS, assign_splits
+from .splits import SPLITS, all_splits, assign_splits, hash_unit, size_of, split_name
 
 logger = logging.getLogger(__name__)
 REFER_FILE = "refs.jsonl"
@@ -46,11 +46,13 @@ EXPRESSION_COLUMNS = ("expression", "sentence", "sentences", "answer", "ref", "c
 
 @dataclass(frozen=True)
 class ReferRow:
-    """One expression as read: its image file, its text, and its box as written (COCO pixels)."""
+    """One expression as read: its image file, its text, its box as written (COCO pixels), and the split the
+    source put it in (our name for it; None for an unsplit source)."""
 
     image: str
     expression: Any
     bbox: Any
+    split: str | None = None
 
 
 def find_refer_file(data_dir: str | Path) -> Path | None:
@@ -97,12 +99,13 @@ def _expressions(value: Any) -> list[Any]:
 
 
 def rows_from_dataset(source: str, image_dir: Path) -> list[ReferRow]:
-    """The rows of a ``datasets`` dataset (every split), its images written under ``image_dir``."""
+    """The rows of a ``datasets`` dataset, each with its split (val -> validation; RefCOCO's testA, testB kept),
+    its images written under ``image_dir``."""
     loaded = load_dataset_source(source)
-    splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    splits = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]
     image_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for split in splits:
+    for source_split, split in splits:
         column = next((c for c in EXPRESSION_COLUMNS if c in split.column_names), None)
         if "image" not in split.column_names or "bbox" not in split.column_names or column is None:
             raise ValueError(f"{source}: a referring-expression dataset needs image, bbox and one of "
@@ -115,7 +118,8 @@ def rows_from_dataset(source: str, image_dir: Path) -> list[ReferRow]:
             path = image_dir / f"{name}.img"
             if not path.exists():
                 path.write_bytes(data)
-            rows += [ReferRow(str(path), text, record["bbox"]) for text in _expressions(record[column])]
+            ours = split_name(source_split) if source_split is not None else None
+            rows += [ReferRow(str(path), text, record["bbox"], ours) for text in _expressions(record[column])]
     return rows
 
 
@@ -149,7 +153,7 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
         paths = sorted({row.image for row in rows})
         checks = dict(zip(paths, tqdm(map(check_image, paths), total=len(paths), desc="Checking images",
                                       unit="image")))
-        by_image: dict[str, list[tuple[str, Any]]] = defaultdict(list)
+        by_image: dict[tuple[str | None, str], list[tuple[str, Any]]] = defaultdict(list)  # (split, image): exprs
         fixed: Counter = Counter()
         for row in rows:
             check = checks[row.image]
@@ -166,30 +170,43 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
                 continue
             if note:
                 fixed[note] += 1
-            by_image[row.image].append((" ".join(row.expression.split()), box))
+            by_image[(row.split, row.image)].append((" ".join(row.expression.split()), box))
         skipped_files = [{"image": path, "reason": check.skip, "detail": check.detail}
                          for path, check in checks.items() if check.skip]
         lost = Counter(row.image for row in rows if checks[row.image].skip)
-        ids = {Path(path).stem: path for path in by_image}
         split_sizes = {"train": config.train_size, "validation": config.val_size, "test": config.test_size}
-        split_ids = assign_splits(list(ids), split_sizes, seed=config.seed)
+        source_splits = list(dict.fromkeys(row.split for row in rows if row.split is not None))
+        if source_splits:  # the source's own splits, each its first images in hash order up to its size
+            splits = all_splits(source_splits)
+            split_ids = {s: sorted((Path(path).stem for own, path in by_image if own == s),
+                                   key=lambda i: hash_unit(i, config.seed))[: size_of(s, split_sizes)]
+                         for s in splits}
+            path_of = {(own, Path(path).stem): path for own, path in by_image}
+        else:  # an unsplit source: by image, hash-stable
+            splits = list(SPLITS)
+            ids = {Path(path).stem: path for _, path in by_image}
+            split_ids = assign_splits(list(ids), split_sizes, seed=config.seed)
+            path_of = {(None, i): path for i, path in ids.items()}
         task = get_task(config.task)
-        plans = {split: [{"image_id": i, "path": ids[i], "check": checks[ids[i]], "example": e}
-                         for i in split_ids[split]
-                         for e in task.examples(i, Annotation(expressions=tuple(by_image[ids[i]])), [])]
-                 for split in SPLITS}
+        plans = {}
+        for split in splits:
+            own = split if source_splits else None
+            plans[split] = [{"image_id": i, "path": path_of[(own, i)], "check": checks[path_of[(own, i)]],
+                             "example": e} for i in split_ids[split] for e in task.examples(
+                                 i, Annotation(expressions=tuple(by_image[(own, path_of[(own, i)])])), [])]
         self.report = {
             "data_dir": str(config.data_dir),
             "source": str(file) if file is not None else "datasets dataset",
             "task": config.task,
             "images_found": len(paths),
-            "usable": len(ids),
+            "usable": len({path for _, path in by_image}),
+            "source_splits": source_splits or None,
             "expressions_found": len(rows),
             "expressions": sum(len(v) for v in by_image.values()),
             "skipped": dict(Counter(f["reason"] for f in skipped_files)),
             "skipped_expressions": {**dict(skipped), **({"image_skipped": sum(lost.values())} if lost else {})},
             "fixed": dict(fixed),
-            "handled": dict(Counter(h for i in ids.values() for h in checks[i].handled)),
+            "handled": dict(Counter(h for path in {path for _, path in by_image} for h in checks[path].handled)),
             "requested_sizes": split_sizes,
             "split_sizes": {split: len(v) for split, v in split_ids.items()},
             "split_records": {split: len(p) for split, p in plans.items()},
@@ -198,7 +215,7 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
             "skipped_expression_examples": examples,
         }
         logger.info(refer_summary_line(self.report))
-        return [datasets.SplitGenerator(name=split, gen_kwargs={"plans": plans[split]}) for split in SPLITS
+        return [datasets.SplitGenerator(name=split, gen_kwargs={"plans": plans[split]}) for split in splits
                 if plans[split]]
 
     def _generate_examples(self, plans: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -213,8 +230,8 @@ class ReferBoxes(datasets.GeneratorBasedBuilder):
 
 
 def refer_summary_line(report: dict[str, Any]) -> str:
-    splits = " / ".join(f"{s} {report['split_sizes'][s]} images ({report['split_records'][s]} records)"
-                        for s in SPLITS)
+    splits = " / ".join(f"{s} {n} images ({report['split_records'][s]} records)"
+                        for s, n in report["split_sizes"].items())
     return (f"{report['images_found']} images found, {report['usable']} usable with {report['expressions']} of "
             f"{report['expressions_found']} expressions; skipped images: {counts(report['skipped'])}; skipped "
             f"expressions: {counts(report['skipped_expressions'])}; fixed: "

@@ -10,6 +10,24 @@ from __future__ import annotations
 import hashlib
 
 SPLITS = ("train", "validation", "test")
+# what sources name their splits, in our names; other names (RefCOCO's testA, testB) are kept as they are
+SPLIT_NAMES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+               "dev": "validation", "test": "test"}
+
+
+def split_name(name: str) -> str:
+    """A source's split name in ours: val / valid / validation / dev -> validation; train; test; others as named."""
+    return SPLIT_NAMES.get(name.lower(), name)
+
+
+def all_splits(names) -> list[str]:
+    """Our three splits, then any other a source has (RefCOCO's testA, testB), in the source's order."""
+    return [*SPLITS, *dict.fromkeys(n for n in names if n is not None and n not in SPLITS)]
+
+
+def size_of(split: str, sizes: dict[str, int]) -> int:
+    """The size option that cuts ``split``: its own, and the test size for other evaluation splits (testA)."""
+    return sizes.get(split, sizes["test"])
 
 
 def hash_unit(image_id: str, seed: int) -> float:
