@@ -7,6 +7,7 @@
     bbox-sft eval     --adapter outputs/run --dataset data/saliency --split test --output_dir outputs/eval
     bbox-sft predict  --adapter outputs/run --image photo.jpg [--output boxed.png] [--query "the red star"]
     bbox-sft predict  --adapter outputs/run --dir photos/ --server http://127.0.0.1:8000/v1
+    bbox-sft label    --adapter outputs/run --dir photos/ --output labelled/ --format yolo [--resume]
     bbox-sft merge    --adapter outputs/run --output outputs/merged
     bbox-sft serve    --adapter outputs/run [--port 8000] [--tensor_parallel_size 2]
     bbox-sft push     --adapter outputs/run --repo_id your-name/qwen3vl-bbox-lora
@@ -177,6 +178,13 @@ def _predict(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _label(argv: list[str]) -> int:
+    from .labelling import LabelArguments, label_folder
+
+    report = label_folder(parse(LabelArguments, argv, "label"))
+    return 1 if report["unreadable"] else 0
+
+
 def _eval(argv: list[str]) -> int:
     from .evaluation import EvalArguments, evaluate_adapter
 
@@ -276,6 +284,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "prepare": (_prepare, "build the box dataset of a task from masks, COCO annotations or referring expressions"),
     "eval": (_eval, "score an adapter, its base model and the center prior on a split"),
     "predict": (_predict, "boxes for an image or a folder of images"),
+    "label": (_label, "label a folder: a COCO, YOLO, VOC or datasets export, resumable, with a review set"),
     "merge": (_merge, "merge an adapter into its base model"),
     "serve": (_serve, "vLLM's OpenAI server for adapters, with the answer grammar (in vLLM's own environment)"),
     "push": (_push, "push an adapter folder (with its model card) to the Hub"),

@@ -132,6 +132,7 @@ class ImageResult:
     width: int = 0
     height: int = 0
     error: str | None = None
+    reason: str | None = None  # the error's short key, for counts (missing_file, unreadable_image, server_refused)
     query: str | None = None  # what a phrase or refer model was asked for
     task: Task = field(default_factory=lambda: get_task("subject"))
 
@@ -285,7 +286,8 @@ class BoxPredictor(Predictor):
                     image, (width, height) = open_image(path, self.processor)
                 except ImageError as error:
                     logger.error("%s: %s", path, error)
-                    results[i] = ImageResult(path, None, error=str(error), query=asked[i], task=self.task)
+                    results[i] = ImageResult(path, None, error=str(error), reason=error.reason, query=asked[i],
+                                             task=self.task)
                     continue
                 loaded.append((i, image))
                 results[i] = ImageResult(path, None, width, height, query=asked[i], task=self.task)

@@ -119,32 +119,42 @@ def step_scores(step: dict[str, Any], size: int, allowed: Sequence[int] = ()) ->
 class ServerPredictor(Predictor):
     """A model served by ``bbox-sft serve`` (vLLM), asked over HTTP; the same results as :class:`BoxPredictor`.
 
-    ``max_in_flight`` requests run at once (the server batches them); results come back in input order.
+    ``server``: one URL, or several servers of the same model (one per GPU or node) that share the work, each
+    image going to one of them in turn. ``max_in_flight`` requests run at once on each (the server batches
+    them); results come back in input order.
     """
 
-    def __init__(self, server: str, model: str, processor, task: str | Task = "subject", answer_format: str = "json",
-                 constrained: bool = True, calibration: Calibration | None = None,
+    def __init__(self, server: str | Sequence[str], model: str, processor, task: str | Task = "subject",
+                 answer_format: str = "json", constrained: bool = True, calibration: Calibration | None = None,
                  labels: Sequence[str] | None = None, max_objects: int | None = None, max_new_tokens: int | None = None,
                  max_in_flight: int = 8, timeout: float = 600.0, api_key: str | None = None) -> None:
-        self.server, self.model = openai_base(server), model
+        self.servers = [openai_base(url) for url in ([server] if isinstance(server, str) else server)]
+        self.server, self.model = self.servers[0], model
         self.processor, self.task, self.answer_format = processor, get_task(task), answer_format
         self.constrained, self.calibration = constrained, calibration
         self.labels = list(labels) if labels is not None else None
         self.max_objects, self.max_new_tokens = max_objects, max_new_tokens
         self.max_in_flight = max_in_flight
         api_key = api_key or os.environ.get("OPENAI_API_KEY")  # as the openai client reads it
-        self.http = httpx.Client(base_url=self.server, timeout=timeout, limits=httpx.Limits(
+        self.clients = [httpx.Client(base_url=url, timeout=timeout, limits=httpx.Limits(
             max_connections=max_in_flight), headers={"Authorization": f"Bearer {api_key}"} if api_key else None)
+            for url in self.servers]
         self.tokenizer = processor.tokenizer
         self.eos = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         self.grammars: dict[GrammarSpec, TokenGrammar] = {}
-        served = self.served_models()
-        if model not in served:
-            raise AdapterError(f"{self.server} does not serve {model!r}; it serves {sorted(served)}")
-        self.base_model = served[model]  # the base a LoRA module sits on (None: a merged or full model)
+        bases = set()
+        for k, url in enumerate(self.servers):
+            served = self.served_models(k)
+            if model not in served:
+                raise AdapterError(f"{url} does not serve {model!r}; it serves {sorted(served)}")
+            bases.add(served[model])
+        if len(bases) > 1:
+            raise AdapterError(f"the servers serve {model!r} on different bases {sorted(map(str, bases))}")
+        self.base_model = bases.pop()  # the base a LoRA module sits on (None: a merged or full model)
 
     @classmethod
-    def from_pretrained(cls, adapter: str | Path, server: str, model: str | None = None, **kwargs) -> ServerPredictor:
+    def from_pretrained(cls, adapter: str | Path, server: str | Sequence[str], model: str | None = None,
+                        **kwargs) -> ServerPredictor:
         """The adapter's run description, calibration and processor from its folder; the answers from ``server``
         (``model``: the name it is served under, by default the folder's name, as ``bbox-sft serve`` names it)."""
         adapter_dir = resolve_adapter(adapter)
@@ -152,15 +162,15 @@ class ServerPredictor(Predictor):
         processor = load_processor(str(adapter_dir if has_processor else adapter_base(adapter_dir) or adapter_dir))
         return cls(server, model or Path(adapter_dir).name, processor, **cls.saved_kwargs(adapter_dir, kwargs))
 
-    def served_models(self) -> dict[str, str | None]:
-        """{served name: the base model it is a LoRA of, or None}, from the server's ``/models``."""
+    def served_models(self, member: int = 0) -> dict[str, str | None]:
+        """{served name: the base model it is a LoRA of, or None}, from a server's ``/models``."""
         try:
-            response = self.http.get("/models")
+            response = self.clients[member].get("/models")
             response.raise_for_status()
         except httpx.HTTPError as error:
             hint = (" (the server wants an API key: --api_key, or OPENAI_API_KEY)"
                     if isinstance(error, httpx.HTTPStatusError) and error.response.status_code == 401 else "")
-            raise ServerError(f"{self.server}: cannot list the served models ({error}){hint}") from error
+            raise ServerError(f"{self.servers[member]}: cannot list the served models ({error}){hint}") from error
         return {m["id"]: m.get("parent") for m in response.json()["data"]}
 
     @property
@@ -172,22 +182,23 @@ class ServerPredictor(Predictor):
             self.grammars[spec] = spec.build(self.tokenizer)
         return self.grammars[spec]
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any], member: int = 0) -> dict[str, Any]:
+        server = self.servers[member]
         try:
-            response = self.http.post("/chat/completions", json=body)
+            response = self.clients[member].post("/chat/completions", json=body)
         except httpx.HTTPError as error:
-            raise ServerError(f"no answer from {self.server} ({type(error).__name__}: {error})") from error
+            raise ServerError(f"no answer from {server} ({type(error).__name__}: {error})") from error
         if response.status_code != 200:
             try:
                 message = response.json().get("error", {}).get("message") or response.text
             except ValueError:
                 message = response.text
-            raise ServerError(f"HTTP {response.status_code} from {self.server}: {message}")
+            raise ServerError(f"HTTP {response.status_code} from {server}: {message}")
         return response.json()
 
     def answer(self, image: Image.Image, instruction: str, *, query: str | None = None, adapter: bool = True,
                constrained: bool | None = None, parse: Callable[[str], Any] | None = None,
-               max_new_tokens: int | None = None) -> Prediction:
+               max_new_tokens: int | None = None, member: int = 0) -> Prediction:
         """One image (as :func:`open_image` gives it) asked ``instruction``: the prediction the local path makes."""
         constrained = self.constrained if constrained is None else constrained
         spec = self.task.grammar_spec(self.answer_format, self.labels, query, self.max_objects)
@@ -201,7 +212,7 @@ class ServerPredictor(Predictor):
             raise AdapterError(f"{self.model} is served merged: the server has no base model to ask")
         body = chat_request(model, data_url(to_rgb(fitted)), instruction, budget,
                             spec if grammar is not None else None)
-        choice = self._post(body)["choices"][0]
+        choice = self._post(body, member % len(self.clients))["choices"][0]
         steps = (choice.get("logprobs") or {}).get("content") or []
         ids = [_token_id(s["token"]) for s in steps]
         if choice.get("finish_reason") == "stop" and (not ids or ids[-1] != self.eos):
@@ -219,39 +230,44 @@ class ServerPredictor(Predictor):
     def predict(self, images: Sequence[Image.Image], progress: bool = False, adapter: bool = True,
                 query: str | Sequence[str | None] | None = None) -> list[Prediction]:
         queries = self._queries(images, query)
-        with ThreadPoolExecutor(self.max_in_flight) as pool:
-            return list(pool.map(lambda image, q: self.answer(image, self.task.instruction(q), query=q,
-                                                              adapter=adapter), images, queries))
+        with ThreadPoolExecutor(self.max_in_flight * len(self.clients)) as pool:
+            return list(pool.map(lambda k, image, q: self.answer(image, self.task.instruction(q), query=q,
+                                                                 adapter=adapter, member=k),
+                                 range(len(images)), images, queries))
 
     def native(self, images, instructions, parse, max_new_tokens) -> list[Prediction]:
         adapter = not self.has_base  # a merged or full model is asked itself, as BoxPredictor does
-        with ThreadPoolExecutor(self.max_in_flight) as pool:
-            return list(pool.map(lambda image, text: self.answer(image, text, adapter=adapter, constrained=False,
-                                                                 parse=parse, max_new_tokens=max_new_tokens),
-                                 images, instructions))
+        with ThreadPoolExecutor(self.max_in_flight * len(self.clients)) as pool:
+            return list(pool.map(lambda k, image, text: self.answer(image, text, adapter=adapter, constrained=False,
+                                                                    parse=parse, max_new_tokens=max_new_tokens,
+                                                                    member=k),
+                                 range(len(images)), images, instructions))
 
-    def _file(self, path: str, query: str | None, adapter: bool) -> ImageResult:
+    def _file(self, path: str, query: str | None, adapter: bool, member: int = 0) -> ImageResult:
         try:
             image, (width, height) = open_image(path, self.processor)
-            prediction = self.answer(image, self.task.instruction(query), query=query, adapter=adapter)
+            prediction = self.answer(image, self.task.instruction(query), query=query, adapter=adapter, member=member)
         except (ImageError, ServerError) as error:
             logger.error("%s: %s", path, error)
-            return ImageResult(path, None, error=str(error), query=query, task=self.task)
+            reason = error.reason if isinstance(error, ImageError) else "server_refused"
+            return ImageResult(path, None, error=str(error), reason=reason, query=query, task=self.task)
         return ImageResult(path, prediction, width, height, query=query, task=self.task)
 
     def predict_files(self, paths: Iterable[str | Path], window: int | None = None, adapter: bool = True,
                       query: str | Sequence[str | None] | None = None) -> Iterator[ImageResult]:
-        """Results for image files in input order, ``max_in_flight`` requests at a time, at most ``window``
-        (default: twice that) prepared and waiting, so a folder of any size streams. A file that cannot be
-        read, or that the server refuses, gets a result with its error; the rest go on."""
-        window = window or 2 * self.max_in_flight
+        """Results for image files in input order, ``max_in_flight`` requests at a time on each server (the k-th file
+        to server k mod n), at most ``window`` (default: twice that) prepared and waiting, so a folder of any size
+        streams. A file that cannot be read, or that the server refuses, gets a result with its error; the rest go
+        on."""
+        in_flight = self.max_in_flight * len(self.clients)
+        window = window or 2 * in_flight
         queries = iter(query) if isinstance(query, (list, tuple)) else repeat(query)
         pending: deque = deque()
-        with ThreadPoolExecutor(self.max_in_flight) as pool:
-            for path in paths:
+        with ThreadPoolExecutor(in_flight) as pool:
+            for k, path in enumerate(paths):
                 q = next(queries)
                 self.task.check_query(q)
-                pending.append(pool.submit(self._file, str(path), q, adapter))
+                pending.append(pool.submit(self._file, str(path), q, adapter, k % len(self.clients)))
                 if len(pending) >= window:
                     yield pending.popleft().result()
             while pending:

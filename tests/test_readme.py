@@ -14,6 +14,7 @@ from bbox_sft import cli
 from bbox_sft.app import AppArguments
 from bbox_sft.data.prepare import PrepareArguments
 from bbox_sft.evaluation import EvalArguments
+from bbox_sft.labelling import LabelArguments
 from bbox_sft.serving import ServeArguments
 from bbox_sft.train import parse_args
 
@@ -27,6 +28,7 @@ PARSERS = {
     "push": cli.PushArguments,
     "app": AppArguments,
     "serve": ServeArguments,
+    "label": LabelArguments,
 }
 
 

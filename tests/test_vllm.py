@@ -292,10 +292,31 @@ def test_a_request_the_server_refuses_or_that_times_out_is_that_files_error_line
                                                     query=[q["query"] for q in queries[:2] + queries[3:]])
     assert [line["raw"] for line in lines[:2] + lines[3:]] == [r.prediction.raw for r in local]
     hurried = _remote(adapters["subject-json"], url)
-    hurried.http.timeout = httpx.Timeout(0.001)  # after listing the models, which needs the usual timeout
+    hurried.clients[0].timeout = httpx.Timeout(0.001)  # after listing the models, which needs the usual timeout
     results = list(hurried.predict_files(images[:3]))
     assert [r.path for r in results] == [str(p) for p in images[:3]]
     assert all(r.prediction is None and "no answer from" in r.error for r in results)
+
+
+def test_several_servers_share_a_folder_and_label_it_as_one_does(served, images, tmp_path: Path) -> None:
+    """bbox-sft label with two --server URLs (here the same server twice: each image to one of them in turn) writes
+    the export one server writes, in the folder's order, each image once."""
+    from bbox_sft.labelling import LabelArguments, label_folder
+
+    adapters, url, _, _ = served
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in images[:10]:
+        shutil.copy(path, folder / path.name)
+    exports = {}
+    for name, servers in (("one", [url]), ("two", [url, url])):
+        label_folder(LabelArguments(adapter=str(adapters["objects"]), dir=str(folder), output=str(tmp_path / name),
+                                    format="yolo", server=servers, api_key=KEY))
+        exports[name] = {str(p.relative_to(tmp_path / name)): p.read_bytes() for p in (tmp_path / name).rglob("*")
+                         if p.is_file()}
+    assert exports["one"] == exports["two"]
+    ledger = [json.loads(line)["name"] for line in (tmp_path / "two" / "labels.jsonl").read_text().splitlines()]
+    assert ledger == sorted(p.name for p in folder.iterdir())
 
 
 def _good_request(url: str, model: str, image: Path) -> httpx.Response:

@@ -101,6 +101,8 @@ class YoloLayout(Layout):
             folder = next((c for c in candidates if c.is_dir()), None)
             if folder is None:
                 raise YoloFormatError(f"{path}: {key}: {value!r} is not a folder (looked for {candidates[0]})")
+            if any(part.image_dir.resolve() == folder.resolve() for part in found.values()):
+                continue  # one folder named for train and val (a single set, as Ultralytics wants both keys): train
             found[split] = cls(folder, names)
         if not found:
             raise YoloFormatError(f"{path}: names no split folder (train / val / test)")

@@ -1,0 +1,96 @@
+"""Peak memory of ``bbox-sft label`` on a folder of large photos and on one ten times larger, side by side.
+
+    python bench/label_memory.py [--small 50] [--large 500] [--formats coco hf] [--model DIR]
+
+The photos of ``bench/predict_memory.py`` (12, 16 and 24 MP JPEGs, cached under data/bench_photos); each run
+in its own process, its peak RSS read at the end: labelling streams (a window of images at a time, each
+answer appended to labels.jsonl) and the export is written from that file one image at a time, so the peak
+should not grow with the folder. Prints peak RSS and images/s per format and folder, and the ratio of the
+large folder's peak to the small one's (target <= 1.2). Without --model a tiny random Qwen3-VL is built (the
+pixel budget of recipes/qwen3vl_lora.yaml).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from predict_memory import write_photos  # noqa: E402
+
+
+def child(model: str, folder: str, n: int, layout: str, out: str) -> None:
+    """One measured run of ``label`` over the first ``n`` photos; a JSON line with its seconds and peak RSS."""
+    from bbox_sft.labelling import LabelArguments, label_folder
+
+    source = Path(out) / "photos"
+    source.mkdir(parents=True)
+    for path in sorted(Path(folder).glob("*.jpg"))[:n]:
+        os.symlink(path, source / path.name)
+    start = time.perf_counter()
+    report = label_folder(LabelArguments(adapter=model, dir=str(source), output=str(Path(out) / "export"),
+                                         format=layout, images="link"))
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"seconds": seconds, "peak_mb": peak / 1024, "labelled": report["labelled"]}))
+
+
+def run(model: str, folder: Path, n: int, layout: str) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, __file__, "--child", "--model", model, "--folder", str(folder), "--n", str(n),
+               "--format", layout, "--out", out]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", type=int, default=50)
+    parser.add_argument("--large", type=int, default=500)
+    parser.add_argument("--formats", nargs="+", default=["coco", "hf"])
+    parser.add_argument("--model", help="adapter or model folder (default: a tiny random Qwen3-VL)")
+    parser.add_argument("--photos", default=str(REPO / "data" / "bench_photos"))
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--format", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.model, args.folder, args.n, args.format, args.out)
+
+    write_photos(Path(args.photos), args.large)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            from transformers import AutoProcessor
+
+            from bbox_sft.model import set_pixel_budget
+            from bbox_sft.tiny import save_tiny_model
+
+            model = str(save_tiny_model(Path(tmp) / "tiny", hidden_size=128, layers=2))
+            processor = AutoProcessor.from_pretrained(model)
+            set_pixel_budget(processor, 320, 448)
+            processor.save_pretrained(model)
+        print(f"{'format':>6} | images | peak RSS (MB) | images/s")
+        for layout in args.formats:
+            small, large = (run(model, Path(args.photos), n, layout) for n in (args.small, args.large))
+            for n, r in ((args.small, small), (args.large, large)):
+                print(f"{layout:>6} | {n:6d} | {r['peak_mb']:13.0f} | {n / r['seconds']:8.1f}")
+            growth = large["peak_mb"] / small["peak_mb"]
+            print(f"{layout:>6}: RSS({args.large}) / RSS({args.small}) = {growth:.2f} (target <= 1.2: "
+                  f"{'met' if growth <= 1.2 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()
