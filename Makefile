@@ -73,9 +73,15 @@ lint: install
 # DEMO_PROFILE=fast runs the reduced demo the tests run; DEMO_PROFILE=objects the
 # objects task (every shape, as a labelled list; outputs/demo_objects), objects_fast its reduced version;
 # DEMO_PROFILE=refer the refer task (the shape a description picks out; outputs/demo_refer), refer_fast
+# its reduced version; DEMO_PROFILE=grpo, after make demo (run first if missing), GRPO against continued SFT
+# from its adapter for the same training time (outputs/demo_grpo).
 DEMO_PROFILE ?= full
 demo: install
+ifeq ($(DEMO_PROFILE),grpo)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m bbox_sft.demo_rl
+else
 	HF_HUB_OFFLINE=1 $(BIN)/python -m bbox_sft.demo --profile $(DEMO_PROFILE)
+endif
 
 bench: install
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/prepare.py

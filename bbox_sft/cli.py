@@ -239,35 +239,42 @@ def _push(argv: list[str]) -> int:
     return 0
 
 
-TRAIN_USAGE = "bbox-sft train [accelerate launch options] RECIPE.yaml [--field value ...]"
-
-
-def _train(argv: list[str]) -> int:
-    """``bbox-sft train [accelerate options] RECIPE.yaml [--field value ...]``: train.py under ``accelerate launch``.
+def _launch(script: str, argv: list[str]) -> int:
+    """``bbox-sft train|grpo [accelerate options] RECIPE.yaml [--field value ...]``: ``bbox_sft/<script>.py`` under
+    ``accelerate launch``.
 
     Everything before the recipe goes to ``accelerate launch`` (``--config_file``, ``--num_processes``,
     ``--cpu`` ...), everything after it to the training script, as TRL's ``trl sft`` does.
     """
+    from importlib import import_module
     from pathlib import Path
 
     from accelerate.commands.launch import launch_command, launch_command_parser
 
+    usage = f"bbox-sft {script} [accelerate launch options] RECIPE.yaml [--field value ...]"
     recipe = next((i for i, a in enumerate(argv) if a.endswith((".yaml", ".yml")) and not
                    (i and argv[i - 1] == "--config_file")), None)
     if recipe is None and any(a in ("-h", "--help") for a in argv):
-        sys.stdout.write(f"{TRAIN_USAGE}\n\nOptions before the recipe go to `accelerate launch` (see `accelerate "
+        sys.stdout.write(f"{usage}\n\nOptions before the recipe go to `accelerate launch` (see `accelerate "
                          "launch --help`); the recipe's fields, each also an option after it:\n\n")
         sys.stdout.flush()
-        from .train import parse_args
-
-        parse_args(["--help"], prog="bbox-sft train")  # TRL's parser lists the three dataclasses' fields, exits 0
+        # TRL's parser lists the three dataclasses' fields, exits 0
+        import_module(f".{script}", __package__).parse_args(["--help"], prog=f"bbox-sft {script}")
     if recipe is None:
-        raise ValueError(f"usage: {TRAIN_USAGE}")
+        raise ValueError(f"usage: {usage}")
     if not Path(argv[recipe]).is_file():
         raise FileNotFoundError(f"recipe {argv[recipe]} does not exist")
-    script = str(Path(__file__).with_name("train.py"))
-    launch_command(launch_command_parser().parse_args([*argv[:recipe], script, *argv[recipe:]]))
+    path = str(Path(__file__).with_name(f"{script}.py"))
+    launch_command(launch_command_parser().parse_args([*argv[:recipe], path, *argv[recipe:]]))
     return 0
+
+
+def _train(argv: list[str]) -> int:
+    return _launch("train", argv)
+
+
+def _grpo(argv: list[str]) -> int:
+    return _launch("grpo", argv)
 
 
 def _app(argv: list[str]) -> int:
@@ -280,6 +287,7 @@ def _app(argv: list[str]) -> int:
 
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train with a recipe under accelerate launch (same as accelerate launch bbox_sft/train.py)"),
+    "grpo": (_grpo, "GRPO after SFT on the task's reward, every rollout inside the grammar (bbox_sft/grpo.py)"),
     "synth": (_synth, "write a synthetic set in a task's data layout (DUTS, COCO, referring expressions)"),
     "prepare": (_prepare, "build the box dataset of a task from masks, COCO annotations or referring expressions"),
     "eval": (_eval, "score an adapter, its base model and the center prior on a split"),

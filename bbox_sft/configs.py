@@ -60,9 +60,32 @@ class BoxScriptArguments(ScriptArguments):
         default_factory=list, metadata={"help": "Callbacks by name: early_stopping."}
     )
     early_stopping_patience: int = field(default=3, metadata={"help": "Evaluations without improvement."})
+    merge_adapter: bool = field(default=False, metadata={
+        "help": "Where model_name_or_path is an adapter (an earlier run): merge it into its base and train a fresh "
+                "LoRA (the recipe's lora_* fields) on the merged model, instead of training it further (its own rank "
+                "and targets)."})
+    max_train_seconds: float | None = field(default=None, metadata={
+        "help": "Stop training after this many seconds (evaluations included), saving and evaluating that step: "
+                "two methods compared for the same budget. Default: no limit (max_steps or epochs decide)."})
     build_tiny_model: bool = field(
         default=False,
         metadata={"help": "If model_name_or_path is a missing local folder, build a tiny random Qwen3-VL there."},
     )
     tiny_hidden_size: int = field(default=256, metadata={"help": "Hidden size of a tiny model built here."})
     tiny_layers: int = field(default=4, metadata={"help": "Decoder layers of a tiny model built here."})
+
+
+@dataclass
+class BoxGRPOArguments(BoxScriptArguments):
+    """The GRPO stage's fields: ``model_name_or_path`` (``ModelConfig``) is the SFT run to start from (an adapter
+    folder or Hub id) or a base model; the answer's task, format and pixel budget default to that run's, since
+    the rollouts must be answers as the run learnt to write them."""
+
+    task: str | None = field(default=None, metadata={
+        "help": "subject | objects | phrase | refer. Default: the SFT run's (subject from a base model)."})
+    answer_format: str | None = field(default=None, metadata={
+        "help": "json | qwen. Default: the SFT run's (json from a base model)."})
+    image_min_side: int | None = field(default=None, metadata={"help": "Pixel budget. Default: the SFT run's (320)."})
+    image_max_side: int | None = field(default=None, metadata={"help": "Pixel budget. Default: the SFT run's (448)."})
+    reward_bonus: float = field(default=0.0, metadata={
+        "help": "Added to the reward of a hit (IoU >= 0.5; for lists, per matched box, shared as the IoU is)."})

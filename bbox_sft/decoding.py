@@ -152,6 +152,15 @@ def pick(scores: torch.Tensor, options: Sequence[int]) -> int:
     return min(token for token, value in zip(options, values) if value == best)
 
 
+def sample(scores: torch.Tensor, options: Sequence[int], temperature: float,
+           generator: torch.Generator | None = None) -> tuple[int, float]:
+    """An option drawn from the softmax of its scores over ``temperature``, and its log-probability there: the
+    policy renormalised over what the grammar allows (a forced token, the only option, has probability 1)."""
+    logps = (scores[list(options)].float() / temperature).log_softmax(-1)
+    k = int(torch.multinomial(logps.exp().cpu(), 1, generator=generator))
+    return options[k], float(logps[k])
+
+
 def _whole(weight: torch.Tensor) -> bool:
     """Whether ``weight`` is all here: not a DTensor shard (FSDP2), not a ZeRO-3 placeholder (empty)."""
     from torch.distributed.tensor import DTensor
@@ -190,10 +199,14 @@ class ForcedTokenDecoder:
     near-equal options onto the same value, where ``generate`` and vLLM then take the lowest id.
     """
 
-    def __init__(self, model: PreTrainedModel, grammar: TokenGrammar, pad_token_id: int,
-                 fast_forward: bool = True, max_new_tokens: int = 64, synced_gpus: bool = False) -> None:
+    def __init__(self, model: PreTrainedModel, grammar: TokenGrammar | Sequence[TokenGrammar], pad_token_id: int,
+                 fast_forward: bool = True, max_new_tokens: int = 64, synced_gpus: bool = False,
+                 temperature: float = 0.0, generator: torch.Generator | None = None) -> None:
         self.model, self.grammar, self.pad = model, grammar, pad_token_id
         self.fast_forward, self.max_new_tokens, self.synced_gpus = fast_forward, max_new_tokens, synced_gpus
+        # temperature > 0: each choice sampled among the allowed tokens (rollouts for reinforcement learning)
+        self.temperature, self.generator = temperature, generator
+        self.sampled_logps: list[dict[int, float]] = []  # per row, by step: the chosen token's log-probability
         self.base, self.body = _inner_model(model)
         params = inspect.signature(self.base.forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -234,12 +247,15 @@ class ForcedTokenDecoder:
         """Per row of a left-padded processor batch: the answer's tokens (eos included), the digit choices
         made, and, for a grammar that scores them, each decision's log-probability by step
         (:func:`decision_logprobs`)."""
-        grammar, rows = self.grammar, batch["input_ids"].shape[0]
+        rows = batch["input_ids"].shape[0]
+        grammars = list(self.grammar) if isinstance(self.grammar, (list, tuple)) else [self.grammar] * rows
+        eos = grammars[0].eos
         device = batch["input_ids"].device
         written: list[list[int]] = [[] for _ in range(rows)]
         choices: list[list[Choice]] = [[] for _ in range(rows)]
         decisions: list[dict[int, float]] = [{} for _ in range(rows)]
-        pending = [grammar.forced([]) for _ in range(rows)]
+        self.sampled_logps = [{} for _ in range(rows)]
+        pending = [grammar.forced([]) for grammar in grammars]
         done = [False] * rows
         mask = batch["attention_mask"]
         rope, _ = self.body.get_rope_index(
@@ -261,7 +277,7 @@ class ForcedTokenDecoder:
                 break
             live = [r for r in range(rows) if not done[r]] or list(range(rows))
             if self.fast_forward and not first and not all(done) and all(
-                    pending[r] and pending[r][-1] == grammar.eos for r in range(rows) if not done[r]):
+                    pending[r] and pending[r][-1] == eos for r in range(rows) if not done[r]):
                 for r in range(rows):  # the rest of every answer is forced up to eos: no pass needed for it
                     if not done[r]:
                         written[r] += pending[r]
@@ -292,21 +308,26 @@ class ForcedTokenDecoder:
             for r in range(rows):
                 if done[r] or pending[r]:
                     continue  # finished, or still has forced tokens queued: no choice to make here
+                grammar = grammars[r]
                 state = grammar.state(written[r])
                 options = state[0]
-                if len(options) == 1 and options[0] == grammar.eos:
-                    written[r].append(grammar.eos)
+                if len(options) == 1 and options[0] == eos:
+                    written[r].append(eos)
                     done[r] = True
                     continue
                 scores = self.scores(logits, r, options) if len(options) > 1 else logits[r]
-                token = pick(scores, options)
+                if self.temperature > 0:
+                    token, self.sampled_logps[r][len(written[r])] = sample(scores, options, self.temperature,
+                                                                          self.generator)
+                else:
+                    token = pick(scores, options)
                 if grammar.scores_decisions and len(options) > 1:
                     decisions[r][len(written[r])] = _logprob(scores, options, token)
                 choice = _choice(grammar, state, scores)
                 if choice is not None:
                     choices[r].append(choice)
                 pending[r] = [token, *grammar.forced([*written[r], token])]
-                if pending[r][-1] == grammar.eos:  # the rest is forced to the end: no pass needed for it
+                if pending[r][-1] == eos:  # the rest is forced to the end: no pass needed for it
                     written[r] += pending[r]
                     pending[r], done[r] = [], True
         # generate writes max_new_tokens tokens at most: the last pass's choice and forced run included

@@ -25,16 +25,36 @@ DETECTION_METRIC_NAMES = ("precision@0.5", "recall@0.5", "f1@0.5", "map", "map_5
                           "parse_rate")
 
 
-def match(predicted: Sequence[LabelledBox], truth: Sequence[LabelledBox], threshold: float = 0.5
-          ) -> list[tuple[int, int]]:
-    """Pairs (prediction index, truth index) matched one-to-one, same label, IoU >= ``threshold``."""
+def matched(predicted: Sequence[LabelledBox], truth: Sequence[LabelledBox]) -> list[tuple[int, int, float]]:
+    """(prediction index, truth index, IoU) of the one-to-one assignment of largest total IoU, same label only
+    (the Hungarian algorithm); pairs that do not overlap are left out."""
     from scipy.optimize import linear_sum_assignment
 
     if not predicted or not truth:
         return []
     overlap = np.array([[iou(p.box, t.box) if p.label == t.label else 0.0 for t in truth] for p in predicted])
     rows, cols = linear_sum_assignment(overlap, maximize=True)
-    return [(int(r), int(c)) for r, c in zip(rows, cols) if overlap[r, c] >= threshold]
+    return [(int(r), int(c), float(overlap[r, c])) for r, c in zip(rows, cols) if overlap[r, c] > 0]
+
+
+def match(predicted: Sequence[LabelledBox], truth: Sequence[LabelledBox], threshold: float = 0.5
+          ) -> list[tuple[int, int]]:
+    """Pairs (prediction index, truth index) matched one-to-one, same label, IoU >= ``threshold``."""
+    return [(r, c) for r, c, overlap in matched(predicted, truth) if overlap >= threshold]
+
+
+def list_reward(predicted: Sequence[LabelledBox] | None, truth: Sequence[LabelledBox], bonus: float = 0.0) -> float:
+    """How good one list answer is, for reinforcement learning: the IoU of each box matched one-to-one with a true box
+    of its label, summed, over the longer of the two lists; so a missing box and an extra one each cost a share,
+    and a redundant box (a second answer for a box already matched) never raises it. An empty answer where there is
+    nothing is 1. With ``bonus``, each match of IoU >= 0.5 adds ``bonus`` over the same count. Unparsed: 0."""
+    if predicted is None:
+        return 0.0
+    if not predicted and not truth:
+        return 1.0
+    pairs = matched(predicted, truth)
+    longest = max(len(predicted), len(truth))
+    return (sum(o for _, _, o in pairs) + bonus * sum(o >= 0.5 for _, _, o in pairs)) / longest
 
 
 def detection_metrics(

@@ -172,8 +172,11 @@ def write_model_card(
     metrics_source: str = "last evaluation",
     test_metrics: dict[str, Any] | None = None,
     task: Any = "subject",
+    training: str | None = None,
+    tags: tuple[str, ...] = (),
 ) -> Path:
-    """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft."""
+    """README.md with Hub metadata and a usage snippet that loads the adapter with plain peft; ``training`` says
+    how it was trained (a sentence), ``tags`` adds Hub tags (``grpo``)."""
     task = get_task(task)
     output_dir = Path(output_dir)
     is_adapter = (output_dir / "adapter_config.json").is_file()
@@ -198,7 +201,8 @@ def write_model_card(
             f"datasets:\n- {dataset_name}" if dataset_name and "/" in dataset_name and not Path(dataset_name).exists()
             else None,
             "pipeline_tag: image-text-to-text",
-            "tags:\n- bbox-sft\n- bounding-box\n- trl" + ("\n- lora" if is_adapter else ""), "---"]
+            "tags:\n- bbox-sft\n- bounding-box\n- trl" + ("\n- lora" if is_adapter else "")
+            + "".join(f"\n- {tag}" for tag in tags), "---"]
     if is_adapter:
         usage = f'''```python
 import torch
@@ -226,7 +230,7 @@ Or with this project: `bbox-sft predict --adapter {repo} --image photo.jpg{query
 
 {does}
 (answer format `{answer_format}`), fine-tuned from `{base_model}` with bbox-sft (TRL + PEFT).
-
+{f"{chr(10)}Training: {training}.{chr(10)}" if training else ""}
 ## Usage
 
 {usage}

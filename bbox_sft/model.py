@@ -78,6 +78,15 @@ def weights_dtype(setup: DeviceSetup, trains_in_full: bool) -> torch.dtype:
     return torch.float32 if trains_in_full else setup.dtype
 
 
+def resolve_dtype(model_args: ModelConfig, setup: DeviceSetup) -> torch.dtype | str:
+    """The weights' dtype: the recipe's ``dtype`` where set ("auto": the checkpoint's), else derived
+    (:func:`weights_dtype`: fp32 where they train in full, the device's half under LoRA); written back to
+    ``model_args`` so the logged arguments say it."""
+    if model_args.dtype is None:
+        model_args.dtype = str(weights_dtype(setup, trains_in_full=not model_args.use_peft)).removeprefix("torch.")
+    return model_args.dtype if model_args.dtype == "auto" else getattr(torch, model_args.dtype)
+
+
 def set_pixel_budget(processor: ProcessorMixin, min_side: int, max_side: int) -> int:
     """Resize images to between ``min_side``² and ``max_side``² pixels; return visual tokens at most.
 
@@ -139,7 +148,7 @@ LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "l
 FOUR_BIT_FIELDS = ("bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage")
 
 
-def _changed(model_args: ModelConfig, name: str) -> bool:
+def changed_from_default(model_args: ModelConfig, name: str) -> bool:
     default = next(f for f in fields(ModelConfig) if f.name == name).default
     return getattr(model_args, name) != default
 
@@ -164,11 +173,11 @@ def check_model_args(model_args: ModelConfig, setup: DeviceSetup, train_vision_t
             raise ValueError(f"{quantized} needs bitsandbytes: pip install 'bbox-sft[qlora]'") from error
     if not model_args.load_in_4bit:
         for name in FOUR_BIT_FIELDS:
-            if _changed(model_args, name):
+            if changed_from_default(model_args, name):
                 raise ValueError(f"{name} is set, but load_in_4bit is false: it would change nothing")
     if not model_args.use_peft:
         for name in LORA_FIELDS:
-            if _changed(model_args, name):
+            if changed_from_default(model_args, name):
                 raise ValueError(f"{name} is set, but use_peft is false: LoRA fields apply to LoRA training only")
     if model_args.use_peft and model_args.lora_target_parameters and model_args.lora_dropout:
         raise ValueError(f"lora_target_parameters needs lora_dropout: 0 (peft cannot apply dropout to LoRA on "
@@ -180,7 +189,7 @@ def check_model_args(model_args: ModelConfig, setup: DeviceSetup, train_vision_t
         raise ValueError("train_vision_tower adds the vision blocks to the default LoRA targets; with "
                          "lora_target_modules set, name the vision modules there yourself (and leave "
                          "train_vision_tower false)")
-    if _changed(model_args, "model_revision") and Path(model_args.model_name_or_path or "").exists():
+    if changed_from_default(model_args, "model_revision") and Path(model_args.model_name_or_path or "").exists():
         raise ValueError(f"model_revision {model_args.model_revision!r} applies to Hub ids, but "
                          f"{model_args.model_name_or_path} is a local folder")
 

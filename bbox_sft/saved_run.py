@@ -43,12 +43,14 @@ class SavedRun:
 
     @staticmethod
     def write(folder: str | Path, script_args: Any, labels: list[str] | None, max_objects: int | None = None,
-              max_new_tokens: int | None = None, quantization: dict[str, Any] | None = None) -> Path:
+              max_new_tokens: int | None = None, quantization: dict[str, Any] | None = None,
+              extra: dict[str, Any] | None = None) -> Path:
         """Save the recipe's fields (a dataclass), the labels and the list bound (with the token budget it
-        gives, for a reader) beside the model, and the base's quantization where it trained quantized."""
+        gives, for a reader) beside the model, the base's quantization where it trained quantized, and ``extra``
+        (how it was trained: the trainer, where it started)."""
         fields = asdict(script_args) if is_dataclass(script_args) else dict(script_args)
         path = Path(folder) / ARGS_NAME
-        path.write_text(json.dumps({**fields, "labels": labels, "max_objects": max_objects,
-                                    "max_new_tokens": max_new_tokens, "quantization": quantization}, indent=2,
-                                   default=str))
+        saved = {**fields, "labels": labels, "max_objects": max_objects, "max_new_tokens": max_new_tokens,
+                 "quantization": quantization, **(extra or {})}
+        path.write_text(json.dumps(saved, indent=2, default=str))
         return path

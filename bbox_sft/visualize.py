@@ -108,27 +108,34 @@ def save_objects_grid(items: Sequence[tuple[Image.Image, Sequence, Sequence, str
 
 
 def save_training_curves(log_history: Sequence[dict], path: str | Path, metric: str = "eval_mean_iou",
-                         name: str = "validation mean IoU") -> Path:
-    """PNG of training loss and a validation metric in [0, 1] (``metric``, shown as ``name``) over
-    steps, from a Trainer's ``log_history``."""
+                         name: str = "validation mean IoU", train_key: str = "loss", train_name: str = "training loss",
+                         spread_key: str | None = None) -> Path:
+    """PNG of a training quantity (``train_key`` of the logs: the loss, or GRPO's mean ``reward`` with its
+    ``spread_key`` band) and a validation metric in [0, 1] (``metric``, shown as ``name``) over steps, from a
+    Trainer's ``log_history``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(e["step"], e["loss"]) for e in log_history if "loss" in e]
+    train = [(e["step"], e[train_key], e.get(spread_key, 0.0) if spread_key else 0.0) for e in log_history
+             if train_key in e]
     evals = [(e["step"], e[metric]) for e in log_history if metric in e]
     fig, loss_axis = plt.subplots(figsize=(7, 4), dpi=110)
     if train:
-        loss_axis.plot(*zip(*train), color="tab:blue", label="training loss")
+        steps, values, spread = (list(column) for column in zip(*train))
+        loss_axis.plot(steps, values, color="tab:blue", label=train_name)
+        if spread_key:
+            loss_axis.fill_between(steps, [v - s for v, s in zip(values, spread)],
+                                   [v + s for v, s in zip(values, spread)], color="tab:blue", alpha=0.15)
     loss_axis.set_xlabel("step")
-    loss_axis.set_ylabel("training loss", color="tab:blue")
+    loss_axis.set_ylabel(train_name + (" (band: ± its spread)" if spread_key else ""), color="tab:blue")
     metric_axis = loss_axis.twinx()
     if evals:
         metric_axis.plot(*zip(*evals), color="tab:red", marker="o", label=name)
     metric_axis.set_ylabel(name, color="tab:red")
     metric_axis.set_ylim(0, 1)
-    fig.suptitle("training loss and generation-based validation")
+    fig.suptitle(f"{train_name} and generation-based validation")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

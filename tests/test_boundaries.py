@@ -18,7 +18,7 @@ from bbox_sft.calibration import expected_calibration_error, reliability_bins
 from bbox_sft.detection import detection_metrics, match
 from bbox_sft.formats import LabelledBox
 from bbox_sft.images import ORIENTATION_TRANSPOSE, SIDEWAYS, open_image, pad_to_aspect_ratio, target_size
-from bbox_sft.trainer import equal_shard
+from bbox_sft.validation import equal_shard
 
 
 def _bounds(mask: np.ndarray) -> tuple[int, int, int, int]:

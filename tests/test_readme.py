@@ -14,6 +14,7 @@ from bbox_sft import cli
 from bbox_sft.app import AppArguments
 from bbox_sft.data.prepare import PrepareArguments
 from bbox_sft.evaluation import EvalArguments
+from bbox_sft.grpo import parse_args as parse_grpo_args
 from bbox_sft.labelling import LabelArguments
 from bbox_sft.serving import ServeArguments
 from bbox_sft.train import parse_args
@@ -53,8 +54,9 @@ def test_cli_commands_parse(command: str) -> None:
     words = shlex.split(command)
     assert words[1] in cli.COMMANDS, f"unknown sub-command in README: {command}"
     rest = [w for w in words[2:] if w != "--download_help"]
-    if words[1] == "train":  # the recipe and its overrides go to train.py
-        parse_args([str(REPO / rest[0]), *rest[1:]])
+    if words[1] in ("train", "grpo"):  # the recipe and its overrides go to train.py or grpo.py
+        recipe = next(i for i, w in enumerate(rest) if w.endswith(".yaml") and rest[i - 1:i] != ["--config_file"])
+        (parse_grpo_args if words[1] == "grpo" else parse_args)([str(REPO / rest[recipe]), *rest[recipe + 1:]])
     elif rest:
         HfArgumentParser(PARSERS[words[1]]).parse_args_into_dataclasses(args=rest)
 
@@ -64,10 +66,10 @@ def test_training_commands_parse(command: str) -> None:
     words = shlex.split(command)
     if "--config_file" in words:
         assert (REPO / words[words.index("--config_file") + 1]).is_file()
-    script = words.index("bbox_sft/train.py")
+    script = next(i for i, w in enumerate(words) if w in ("bbox_sft/train.py", "bbox_sft/grpo.py"))
     args = words[script + 1 :]
     args[0] = str(REPO / args[0])
-    parse_args(args)
+    (parse_grpo_args if words[script].endswith("grpo.py") else parse_args)(args)
 
 
 @pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python bench/")])
@@ -80,7 +82,8 @@ def test_every_recipe_parses_without_deprecated_fields() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", FutureWarning)  # e.g. gradient_checkpointing -> activation_checkpointing
             warnings.simplefilter("error", DeprecationWarning)
-            script_args, training_args, model_args = parse_args([str(recipe)])
+            parse = parse_grpo_args if "grpo" in recipe.stem else parse_args
+            script_args, training_args, model_args = parse([str(recipe)])
         assert model_args.model_name_or_path and script_args.dataset_name, recipe
 
 
@@ -105,7 +108,7 @@ def test_every_command_help_exits_0_and_lists_every_option(command: str, capsys)
     three for train) and exits 0, as a user typing it first expects."""
     from trl import ModelConfig
 
-    from bbox_sft.configs import BoxScriptArguments
+    from bbox_sft.configs import BoxGRPOArguments, BoxScriptArguments
 
     with pytest.raises(SystemExit) as exited:
         cli.main([command, "--help"])
@@ -113,6 +116,8 @@ def test_every_command_help_exits_0_and_lists_every_option(command: str, capsys)
     printed = capsys.readouterr().out
     assert printed.startswith(f"usage: bbox-sft {command}") or f"usage: bbox-sft {command}" in printed
     expected = (_options(BoxScriptArguments, ModelConfig) | {"--learning_rate", "--per_device_train_batch_size"}
-                if command == "train" else _options(PARSERS[command]))
+                if command == "train" else
+                _options(BoxGRPOArguments, ModelConfig) | {"--num_generations", "--temperature", "--beta"}
+                if command == "grpo" else _options(PARSERS[command]))
     missing = {option for option in expected if option not in printed}
     assert not missing, f"bbox-sft {command} --help leaves out {sorted(missing)}"

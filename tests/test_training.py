@@ -107,7 +107,7 @@ import json, sys
 from pathlib import Path
 import torch.distributed as dist
 import bbox_sft.train as train
-import bbox_sft.trainer as validation
+import bbox_sft.validation as validation
 
 generate_answers = validation.generate_answers
 calls = []
@@ -178,7 +178,7 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 import bbox_sft.train as train
-import bbox_sft.trainer as validation
+import bbox_sft.validation as validation
 
 generate_answers = validation.generate_answers
 
@@ -244,7 +244,7 @@ def test_two_process_fsdp2_shards_the_model_and_validates_like_one_process(tiny_
 @settings(max_examples=200, deadline=None)
 @given(st.integers(0, 300), st.integers(1, 9))
 def test_equal_shards_cover_every_index_once(n: int, world: int) -> None:
-    from bbox_sft.trainer import equal_shard
+    from bbox_sft.validation import equal_shard
 
     shards = [equal_shard(n, rank, world) for rank in range(world)]
     assert len({len(padded) for _, padded in shards}) == 1  # every rank runs the same number of batches
@@ -354,7 +354,7 @@ def test_checkpointing_keeps_the_runs_kwargs_after_a_validation(tiny_model_dir: 
     from types import SimpleNamespace
 
     from bbox_sft.train import build_trainer
-    from bbox_sft.trainer import reentrant_under_zero3
+    from bbox_sft.validation import reentrant_under_zero3
 
     trainer = build_trainer(*parse_args(_args(tiny_model_dir, eight_records, tmp_path / "run", "--use_peft", "true",
                                               "--train_merger", "false", "--train_vision_tower", "false",

@@ -20,9 +20,9 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from ..boxes import Box
+from ..boxes import Box, iou
 from ..chat import completion_messages, prompt_messages
-from ..detection import DETECTION_METRIC_NAMES, detection_metrics
+from ..detection import DETECTION_METRIC_NAMES, detection_metrics, list_reward
 from ..formats import AnswerFormat, LabelledBox, get_format, parse_answer, parse_native_grounding, parse_objects
 from ..grammar import TokenGrammar
 from ..grammar.lists import MAX_OBJECTS
@@ -186,6 +186,12 @@ class Task:
         """Per-box scores a ranking metric uses (None: not ranked)."""
         return None
 
+    def reward(self, answers: Sequence[Answer], truths: Sequence[Any], bonus: float = 0.0) -> list[float]:
+        """Per answer, what reinforcement learning (GRPO) maximises: the task's own measure of it against the truth,
+        continuous; ``bonus`` is added for a hit (IoU >= 0.5). No format term: answers sampled under the grammar
+        always parse."""
+        raise NotImplementedError
+
     def prior(self, dataset: datasets.DatasetDict, split: str) -> Prior:
         """A model-free answer per record, from the train split (the evaluated split if there is none)."""
         raise NotImplementedError
@@ -267,6 +273,11 @@ class BoxTask(Task):
 
     def score(self, answers, truths, scores=None) -> dict[str, float]:
         return box_metrics(answers, truths)
+
+    def reward(self, answers, truths, bonus=0.0) -> list[float]:
+        """The answer's IoU with the true box (0 when it did not parse), plus ``bonus`` at IoU >= 0.5."""
+        ious = [iou(a, t) for a, t in zip(answers, truths)]
+        return [o + (bonus if o >= 0.5 else 0.0) for o in ious]
 
     def prior(self, dataset: datasets.DatasetDict, split: str) -> Prior:
         """The mean training box, or the evaluated split's own mean when there is no train split."""
@@ -356,6 +367,10 @@ class ListTask(Task):
 
     def score(self, answers, truths, scores=None) -> dict[str, float]:
         return detection_metrics(answers, truths, scores)
+
+    def reward(self, answers, truths, bonus=0.0) -> list[float]:
+        """Each answer's one-to-one matching with the truth (:func:`~bbox_sft.detection.list_reward`)."""
+        return [list_reward(a, t, bonus) for a, t in zip(answers, truths)]
 
     def truth_json(self, record: dict[str, Any]) -> Any:
         return _listed(self.target(record))
