@@ -83,3 +83,25 @@ def test_refer_fast_demo_runs_every_stage_of_the_refer_task(demo_runs) -> None:
     predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["query"] for p in predictions] == [q["expression"] for q in questions]
     assert all(p["box"] is not None for p in predictions)
+
+
+def test_grpo_demo_compares_grpo_with_more_sft_from_the_fast_demos_adapter(demo_runs, tmp_path) -> None:
+    """`make demo DEMO_PROFILE=grpo` in miniature, from the fast demo's adapter: both methods get the same
+    training time, stop at an evaluated checkpoint, and are scored with the starting adapter on the test split."""
+    from bbox_sft.demo_rl import run_rl_demo
+
+    sft, folder = _finished(demo_runs, "fast")
+    out = tmp_path / "rl"
+    report = run_rl_demo(seconds=5, output_dir=str(out), sft_dir=str(folder / "outputs"),
+                         data_dir=str(folder / "data"))
+    rows = report["rows"]
+    assert set(rows) == {"adapter", "continued_sft", "grpo"}
+    assert rows["adapter"] == sft["rows"]["adapter"]  # the starting adapter, scored again: the same figures
+    for name, run in report["training"].items():
+        assert run["steps"] >= 1 and 5 <= run["train_seconds"] < 5 + 60, (name, run)
+        assert run["kept_step"] in [step for step, _ in run["validation"]], (name, run)
+        assert [step for step, _ in run["validation"]][-1] == run["steps"]  # the budget's last step evaluated
+        assert rows[name]["parse_rate"] == 1.0
+    assert report["training"]["grpo"]["rewards"] and not report["training"]["continued_sft"]["rewards"]
+    assert json.loads((out / "grpo" / "bbox_sft_args.json").read_text())["method"] == "grpo"
+    assert (out / "grpo_curves.png").is_file() and "| GRPO |" in (out / "report.md").read_text()
