@@ -15,7 +15,9 @@ logger = logging.getLogger(__name__)
 
 class TimeBudgetCallback(TrainerCallback):
     """Stop training once ``seconds`` have passed since it began (its evaluations included), saving and
-    evaluating that last step as at ``max_steps``: so the best-checkpoint choice and the final model see it.
+    evaluating that last step as at ``max_steps``: so the best-checkpoint choice and the final model see it. That
+    step is logged too: the losses and rewards since the last log would otherwise never be reported (the end-of-run
+    summary comes after the evaluation, which GRPO's trainer files its metrics under).
 
     Every process stops at the same step: the main process's clock decides and tells the others (ranks that
     stopped apart would wait on each other's collectives for ever).
@@ -38,6 +40,8 @@ class TimeBudgetCallback(TrainerCallback):
         if over[0] and not control.should_training_stop:
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            if args.logging_strategy != "no":
+                control.should_log = True
             if args.eval_strategy != "no":
                 control.should_evaluate = True
             if args.save_strategy != "no":

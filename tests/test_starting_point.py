@@ -45,15 +45,14 @@ def test_continued_sft_trains_the_adapter_further_and_stops_at_its_time_budget(a
     trainer = train(*parse_args(_args(adapter_dir, box_dataset_dir, out, "--max_steps", "10000",
                                       "--max_train_seconds", "4", "--eval_strategy", "steps", "--eval_steps", "10000",
                                       "--save_strategy", "steps", "--save_steps", "10000", "--box_eval_samples", "4",
-                                      "--per_device_eval_batch_size", "4", "--logging_steps", "1")))
+                                      "--per_device_eval_batch_size", "4", "--logging_steps", "10000")))
     stopped = trainer.state.global_step
     assert 1 <= stopped < 10000
     logs = trainer.state.log_history
     assert [e["step"] for e in logs if "eval_mean_iou" in e] == [stopped]  # the stop step evaluated,
     assert (out / f"checkpoint-{stopped}" / "adapter_model.safetensors").is_file()  # and saved
     assert next(e["train_runtime"] for e in logs if "train_runtime" in e) < 4 + 30  # soon after the budget
-    steps = [e for e in logs if "loss" in e]
-    assert len(steps) == stopped  # every step trained, then the budget stopped it
+    assert [e["step"] for e in logs if "loss" in e] == [stopped]  # and logged: its losses are not lost
     sft, more = (json.loads((folder / "adapter_config.json").read_text()) for folder in (adapter_dir, out))
     assert (more["r"], more["lora_alpha"], more["base_model_name_or_path"]) == (
         sft["r"], sft["lora_alpha"], sft["base_model_name_or_path"])

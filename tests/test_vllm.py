@@ -291,11 +291,15 @@ def test_a_request_the_server_refuses_or_that_times_out_is_that_files_error_line
     local = _local(adapters["refer"]).predict_files([q["image"] for q in queries[:2] + queries[3:]],
                                                     query=[q["query"] for q in queries[:2] + queries[3:]])
     assert [line["raw"] for line in lines[:2] + lines[3:]] == [r.prediction.raw for r in local]
-    hurried = _remote(adapters["subject-json"], url)
-    hurried.clients[0].timeout = httpx.Timeout(0.001)  # after listing the models, which needs the usual timeout
-    results = list(hurried.predict_files(images[:3]))
+    hurried = _remote(adapters["subject-json"], url)  # the models listed by the real server, then a silent one:
+    with socket.socket() as silent:  # it takes connections (the kernel's backlog) and never answers, so every
+        silent.bind(("127.0.0.1", 0))  # request times out however fast or slow this machine is
+        silent.listen(8)
+        hurried.clients[0].base_url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        hurried.clients[0].timeout = httpx.Timeout(0.5)
+        results = list(hurried.predict_files(images[:3]))
     assert [r.path for r in results] == [str(p) for p in images[:3]]
-    assert all(r.prediction is None and "no answer from" in r.error for r in results)
+    assert all(r.prediction is None and "no answer from" in r.error and "Timeout" in r.error for r in results)
 
 
 def test_several_servers_share_a_folder_and_label_it_as_one_does(served, images, tmp_path: Path) -> None:
