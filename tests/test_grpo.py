@@ -348,6 +348,86 @@ def test_a_short_grpo_run_trains_the_sft_adapter_and_eval_predict_serve_load_it(
     assert f"grpo={out.resolve()}" in command and any("served as a vLLM LoRA module named grpo" in s for s in said)
 
 
+GRPO_DDP_ON_CPU = """
+import hashlib, json, sys
+from pathlib import Path
+import torch, torch.distributed as dist
+import bbox_sft.grpo as grpo
+from bbox_sft.grpo_trainer import BoxGRPOTrainer
+
+out, steps, rewards = Path(sys.argv[1]), [], []
+score, make_reward = BoxGRPOTrainer._generate_and_score_completions, grpo.reward_function
+
+def reward_function(task, bonus=0.0):  # each rank's own rewards, before TRL gathers them
+    inner = make_reward(task, bonus)
+    def reward(*args, **kwargs):
+        rewards.append(inner(*args, **kwargs))
+        return rewards[-1]
+    reward.__name__ = inner.__name__
+    return reward
+
+def probe(self, inputs):  # what each rank samples and the advantages it trains on, seen from inside the run
+    output = score(self, inputs)
+    mask = output["completion_mask"].bool()
+    steps.append({"world": dist.get_world_size(), "rank": dist.get_rank(), "step": self.state.global_step,
+                  "images": [hashlib.md5(row["image"].tobytes()).hexdigest() for row in inputs],
+                  "completions": [ids[m].tolist() for ids, m in zip(output["completion_ids"], mask)],
+                  "rewards": rewards[-1], "advantages": output["advantages"].tolist()})
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(steps))
+    return output
+
+grpo.reward_function, BoxGRPOTrainer._generate_and_score_completions = reward_function, probe
+trainer = grpo.main(*grpo.parse_args(sys.argv[2:]))
+torch.save({n: p.detach().cpu() for n, p in trainer.model.named_parameters() if p.requires_grad},
+           out / f"weights{dist.get_rank()}.pt")
+"""
+
+
+def test_two_rank_grpo_shares_each_group_across_ranks_and_validates_like_one_process(adapter_dir, box_dataset_dir,
+                                                                                     tmp_path) -> None:
+    """GRPO under the shipped DDP config on 2 CPU processes, 2 rows a rank and groups of 4: each group spans both
+    ranks, each rank samples its own rollouts, the advantages are normalised over the whole gathered group, the
+    ranks stay in step, and the validation equals the saved adapter's answers in one process."""
+    from test_training import _single_process_answers
+
+    out, probes = tmp_path / "ddp", tmp_path / "probes"
+    probes.mkdir()
+    script = tmp_path / "grpo_ddp.py"
+    script.write_text(GRPO_DDP_ON_CPU)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(REPO / "recipes" / "accelerate" / "multi_gpu.yaml"), "--num_processes", "2", str(script),
+               str(probes), RECIPE, "--model_name_or_path", str(adapter_dir), "--dataset_name", str(box_dataset_dir),
+               "--output_dir", str(out), "--use_cpu", "true", "--max_steps", "2", "--per_device_train_batch_size",
+               "2", "--num_generations", "4", "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "2",
+               "--box_eval_samples", "5", "--per_device_eval_batch_size", "1", "--load_best_model_at_end", "false",
+               "--calibrate_confidence", "false", "--do_eval", "false", "--disable_tqdm", "true"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    ranks = [json.loads((probes / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    logged = {e["step"]: e["reward"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+              if "reward" in e}
+    assert len(ranks[0]) == len(ranks[1]) == 2  # both steps' rollouts, on each rank
+    for step, (mine, theirs) in enumerate(zip(*ranks)):
+        assert [(r["world"], r["rank"], r["step"]) for r in (mine, theirs)] == [(2, 0, step), (2, 1, step)]
+        assert len(set(mine["images"] + theirs["images"])) == 1  # one prompt's group of 4, 2 rollouts on each rank
+        assert mine["completions"] != theirs["completions"]  # each rank samples its own
+        rewards = torch.tensor(mine["rewards"] + theirs["rewards"], dtype=torch.float64)
+        expected = (rewards - rewards.mean()) / (rewards.std() + 1e-4)  # over the whole group, both ranks
+        assert mine["advantages"] + theirs["advantages"] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert logged[step + 1] == pytest.approx(rewards.mean().item(), abs=1e-6)  # the log: the whole batch's mean
+    weights = [torch.load(probes / f"weights{rank}.pt") for rank in (0, 1)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    started = load_file(adapter_dir / "adapter_model.safetensors")
+    trained = load_file(out / "adapter_model.safetensors")
+    assert any(not torch.equal(trained[k], started[k]) for k in trained)
+
+    history = [json.loads(line) for line in (out / "validation" / "history.jsonl").read_text().splitlines()]
+    [evaluation] = [h for h in history if h["split"] == "eval"]  # both ranks' shards, gathered, written once
+    assert evaluation["answers"] == _single_process_answers(out, box_dataset_dir, 5)
+
+
 def test_max_completion_length_may_equal_the_longest_answer_not_less(box_dataset_dir, processor) -> None:
     from trl import GRPOConfig
 
