@@ -196,6 +196,10 @@ class DatasetWriter(ExportWriter):
     name = "hf"
     description = "a datasets detection set in dataset/ (save_to_disk; load_from_disk or push_to_hub)"
     writes = ("dataset",)
+    # save_to_disk's Arrow files: it copies its input in batches of up to 100 MB, within a file, each batch costing
+    # about three times its size in memory while it is embedded and written. At datasets' default (500 MB files)
+    # the peak grows with the export up to that; at 32 MB it stays flat (bench/label_memory.py)
+    max_shard_size: ClassVar[str] = "32MB"
 
     def begin(self) -> None:
         super().begin()
@@ -225,7 +229,8 @@ class DatasetWriter(ExportWriter):
                                                   # a list in gen_kwargs would be split into shards: the names as text
                                                   gen_kwargs={"part": str(part), "classes": json.dumps(self.classes)},
                                                   fingerprint=fingerprint, writer_batch_size=64)
-        datasets.DatasetDict({"train": dataset}).save_to_disk(str(self.out / "dataset"))
+        datasets.DatasetDict({"train": dataset}).save_to_disk(str(self.out / "dataset"),
+                                                               max_shard_size=self.max_shard_size)
         del dataset
         shutil.rmtree(cache, ignore_errors=True)
         part.unlink()
