@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from predict_memory import write_photos  # noqa: E402
+from predict_memory import tiny_model, write_photos  # noqa: E402
 
 
 class AnonymousPeak:
@@ -96,17 +96,7 @@ def main() -> None:
 
     write_photos(Path(args.photos), args.large)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from transformers import AutoProcessor
-
-            from bbox_sft.model import set_pixel_budget
-            from bbox_sft.tiny import save_tiny_model
-
-            model = str(save_tiny_model(Path(tmp) / "tiny", hidden_size=128, layers=2))
-            processor = AutoProcessor.from_pretrained(model)
-            set_pixel_budget(processor, 320, 448)
-            processor.save_pretrained(model)
+        model = args.model or tiny_model(Path(tmp))
         print(f"{'format':>6} | images | peak RSS (MB) | peak anonymous (MB) | images/s")
         for layout in args.formats:
             small, large = (run(model, Path(args.photos), n, layout) for n in (args.small, args.large))

@@ -83,6 +83,20 @@ def run(mode: str, model: str, folder: Path, n: int, batch_size: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def tiny_model(folder: Path) -> str:
+    """A tiny random Qwen3-VL in ``folder``, its processor at the pixel budget of recipes/qwen3vl_lora.yaml."""
+    from transformers import AutoProcessor
+
+    from bbox_sft.model import set_pixel_budget
+    from bbox_sft.tiny import save_tiny_model
+
+    model = str(save_tiny_model(folder / "tiny", hidden_size=128, layers=2))
+    processor = AutoProcessor.from_pretrained(model)
+    set_pixel_budget(processor, 320, 448)
+    processor.save_pretrained(model)
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", type=int, default=50)
@@ -101,17 +115,7 @@ def main() -> None:
 
     write_photos(Path(args.photos), args.large)
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from bbox_sft.model import set_pixel_budget
-            from bbox_sft.tiny import save_tiny_model
-
-            model = str(save_tiny_model(Path(tmp) / "tiny", hidden_size=128, layers=2))
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(model)
-            set_pixel_budget(processor, 320, 448)
-            processor.save_pretrained(model)
+        model = args.model or tiny_model(Path(tmp))
         full = run("full", model, Path(args.photos), args.small, args.batch_size)
         small = run("stream", model, Path(args.photos), args.small, args.batch_size)
         large = run("stream", model, Path(args.photos), args.large, args.batch_size)
